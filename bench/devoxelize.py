@@ -11,8 +11,9 @@ The cloud is KITTI raw 000049 at 0.05 m (a generated street of 20k voxels
 where the dataset is absent, or with ``--quick``), its points devoxelised
 from random feats of its voxels. Forward and forward + backward (the feats'
 gradient) are timed for each width, and a whole SPVCNN forward (eval mode,
-its four devoxelisations among the rest) with the library's step against
-the same model with the gather put back in its place. Every output and
+its four devoxelisations among the rest) and training step (half the
+repeats) with the library's step against the same model with the gather
+put back in its place. Every output and
 gradient is checked against the gather's (float32: a few ulps) before
 anything is timed. Results in bench/results/devoxelize.md (``--quick``: one
 width, 2 repeats, the page in a temporary folder).
@@ -132,9 +133,35 @@ def main() -> None:
 
         before, after = interleaved({0: old_model, 1: lambda: model(*inputs)}, args.repeats).values()
     net = ["| model | points | voxels | with the (N, 8, C) gather (ms) | corner by corner (ms) | speed-up "
-           "| max abs logit diff |", "|---|---|---|---|---|---|---|",
-           f"| SPVCNN cr 1.0, 19 classes, eval | {points.shape[0]} | {len(coords)} | {before * 1e3:.0f} "
-           f"| {after * 1e3:.0f} | {before / after:.2f}x | {err:.1e} |"]
+           "| max abs diff |", "|---|---|---|---|---|---|---|",
+           f"| SPVCNN cr 1.0, 19 classes, eval forward | {points.shape[0]} | {len(coords)} | {before * 1e3:.0f} "
+           f"| {after * 1e3:.0f} | {before / after:.2f}x | {err:.1e} (logits) |"]
+    print(net[-1], flush=True)
+    model.train()
+    labels = torch.randint(0, 19, (points.shape[0],), generator=torch.Generator().manual_seed(1))
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)  # (the same dropout in both)
+        torch.nn.functional.cross_entropy(model(*inputs), labels).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = train_step()
+    model.load_state_dict(state)  # (BatchNorm's running statistics: the same step twice)
+    with step(gathered_sum):
+        want = train_step()
+    model.load_state_dict(state)
+    err = enforce_error("SPVCNN gradients", float((got - want).abs().max()), 1e-4 * max(float(want.abs().max()), 1))
+
+    def old_step():
+        with step(gathered_sum):
+            train_step()
+
+    before, after = interleaved({0: old_step, 1: train_step}, max(2, args.repeats // 2)).values()
+    net.append(f"| SPVCNN cr 1.0, 19 classes, a training step (forward + backward) | {points.shape[0]} "
+               f"| {len(coords)} | {before * 1e3:.0f} | {after * 1e3:.0f} | {before / after:.2f}x | {err:.1e} "
+               "(gradients) |")
     print(net[-1], flush=True)
     out = page_path(args.out, "devoxelize.md", args.quick)
     command = (f"bench/devoxelize.py --repeats {args.repeats} --channels {' '.join(map(str, args.channels))}"

@@ -521,36 +521,76 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
 
 def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
     """``sum_k weight[:, k] * feats[idx[:, k]]`` over the 8 corners in
-    ``compute``, corner by corner into one (N, C) sum (an inactive corner,
-    ``idx`` -1, has weight 0 and reads row 0). The (N, 8, C) gather of all
-    corners at once held 8 rows a point (1 GB for 120k points at C = 256)
-    and read them twice more for its product and sum. index_select, not
-    feats[idx]: its backward (index_add_) sums each voxel's gradients in a
-    fixed order on the CPU, where the backward of advanced indexing uses
-    float atomics (run-to-run noise).
+    ``compute`` (``weight`` in it; an inactive corner, ``idx`` -1, has weight
+    0 and reads row 0).
 
-    Where no gradient is asked for (inference, ``no_grad``), on the CPU,
-    the core's CSR product runs it instead (``csr_spmm``: each point's row of
-    8 weights, its corners as the columns), in one pass and the same order:
-    the same bits as the corners one by one, for any thread count. Not
-    under a torch function mode (the pruning graph's tracer follows the
-    channels through the step's torch operations; the core's has none)."""
+    On the CPU the core's CSR product runs it (``csr_spmm``: each point's
+    row of 8 weights, its corners as the columns) in one pass, the same bits
+    as the corners summed one by one (the torch path below) at any thread
+    count; the feats' gradient is the transposed product (each voxel's row
+    of the points around it, in point order: :class:`_CornerSum`). The torch
+    path runs where the weights need a gradient, in a compiled graph or a
+    torch.func transform, and under a torch function mode (the pruning
+    graph's tracer follows the channels through the step's torch
+    operations; the core's has none): corner by corner into one (N, C) sum
+    (the (N, 8, C) gather of all corners at once held 8 rows a point, 1 GB
+    for 120k points at C = 256), index_select, not feats[idx] (its backward,
+    index_add_, sums each voxel's gradients in a fixed order on the CPU,
+    where the backward of advanced indexing uses float atomics)."""
     cols = idx.clamp_min(0)
-    if not (torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad)) and \
-            not torch.compiler.is_compiling() and not _ext.in_transform() and \
-            not torch._C._is_torch_function_mode_enabled() and _ext.serves(feats):
-        values = feats.to(compute)
-        n = idx.shape[0]
-        pointer = np.arange(0, 8 * n + 1, 8, dtype=np.int64)
-        return _ext.to_tensor(_ext.call(_ext.core.csr_spmm, pointer, _ext.to_numpy(cols).reshape(-1).view(np.uint64),
-                                        _ext.to_numpy(weight.to(compute)).reshape(-1), _ext.to_numpy(values),
-                                        values.shape[0], None))
+    if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling() and \
+            not _ext.in_transform() and not torch._C._is_torch_function_mode_enabled() and _ext.serves(feats):
+        if torch.is_grad_enabled() and feats.requires_grad:
+            return _CornerSum.apply(feats, cols, weight.detach(), compute)
+        return _corner_product(feats.to(compute), cols, weight)
     rows = cols.t()
     weight = weight.t().unsqueeze(2)  # (8, N, 1)
     out = feats.index_select(0, rows[0]).to(compute) * weight[0]
     for k in range(1, 8):
         out = out.addcmul_(feats.index_select(0, rows[k]).to(compute), weight[k])
     return out
+
+
+def _corner_product(values: torch.Tensor, cols: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The core's CSR product of the (N, 8) corner rows ``cols`` weighted by
+    ``weight`` with ``values`` (V, C), both in one dtype: (N, C)."""
+    pointer = np.arange(0, 8 * cols.shape[0] + 1, 8, dtype=np.int64)
+    return _ext.to_tensor(_ext.call(_ext.core.csr_spmm, pointer, _ext.to_numpy(cols).reshape(-1).view(np.uint64),
+                                    _ext.to_numpy(weight.to(values.dtype)).reshape(-1), _ext.to_numpy(values),
+                                    values.shape[0], None))
+
+
+class _CornerSum(torch.autograd.Function):
+    """:func:`_interpolate` on the core with the feats' gradient: forward
+    the corner product, backward its transpose, each voxel's sum of its
+    points' gradients times their weights (the pairs sorted stably by voxel:
+    point order within one) as a second CSR product; deterministic for any
+    thread count. Under ``create_graph`` the backward is torch's index_add
+    of each corner (differentiable, for a second derivative)."""
+
+    @staticmethod
+    def forward(ctx, feats, cols, weight, compute):
+        ctx.save_for_backward(cols, weight)
+        ctx.voxels, ctx.dtype = feats.shape[0], feats.dtype
+        return _corner_product(feats.to(compute), cols, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cols, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        if torch.is_grad_enabled():  # (create_graph: a graph of the gradient's own)
+            out = grad.new_zeros((ctx.voxels, grad.shape[1]))
+            for k in range(8):
+                out = out.index_add(0, cols[:, k], grad * weight[:, k:k + 1])
+            return out.to(ctx.dtype), None, None, None
+        flat = cols.reshape(-1)
+        order = torch.sort(flat, stable=True)[1]
+        pointer = torch.zeros(ctx.voxels + 1, dtype=torch.int64)
+        pointer[1:] = torch.bincount(flat, minlength=ctx.voxels).cumsum(0)
+        points = _ext.to_numpy(order // 8).view(np.uint64)
+        out = _ext.call(_ext.core.csr_spmm, _ext.to_numpy(pointer), points, _ext.to_numpy(weight.reshape(-1)[order]),
+                        _ext.to_numpy(grad), grad.shape[0], None)
+        return _ext.to_tensor(out).to(ctx.dtype), None, None, None
 
 
 def _nearest_kept(feats: torch.Tensor, rows: torch.Tensor, n, inverse: torch.Tensor) -> torch.Tensor:

@@ -132,12 +132,12 @@ def test_trilinear_torch_equals_core(dtype, stride):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_trilinear_devoxelize_without_gradient_runs_the_core_product_to_the_same_bits(dtype, monkeypatch):
-    """Where no gradient is asked for, the corners' weighted sum runs as the
-    core's CSR product (one row of 8 weights a point): the same bits as the
-    corners summed one by one (the torch path, and the path a gradient
-    takes), at 1 and 2 threads, against the reference; no points at all
-    give an empty (0, C) result."""
+def test_trilinear_devoxelize_runs_the_core_product_to_the_same_bits(dtype, monkeypatch):
+    """On the CPU the corners' weighted sum runs as the core's CSR product
+    (one row of 8 weights a point), with or without a gradient: the same
+    bits as the corners summed one by one (the torch path), at 1 and 2
+    threads, against the reference; no points at all give an empty (0, C)
+    result."""
     points, _, batch = cloud(3000, seed=11, dtype=torch.float64, batches=2)
     x, _ = ps.voxelize(points, torch.randn(len(points), 37, dtype=torch.float64).to(dtype), voxel_size=0.25,
                        batch=batch)
@@ -162,7 +162,7 @@ def test_trilinear_devoxelize_without_gradient_runs_the_core_product_to_the_same
     assert got[0].dtype == dtype and all(torch.equal(g, corners) for g in got)
     leaf = x.feats.detach().clone().requires_grad_(True)
     with_grad = ps.devoxelize(x.with_feats(leaf), points=pts, voxel_size=0.25, batch=b, mode="trilinear")
-    assert len(calls) == 2 and torch.equal(with_grad.detach(), corners)
+    assert len(calls) == 3 and torch.equal(with_grad.detach(), corners)
     want = trilinear_ref(pts.numpy(), x.coords.numpy(), x.feats.double().numpy(), (0.25,) * 3, (2, 2, 2),
                          b.numpy())
     tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2e-2
@@ -171,6 +171,44 @@ def test_trilinear_devoxelize_without_gradient_runs_the_core_product_to_the_same
     with torch.no_grad():
         empty = ps.devoxelize(x, points=pts[:0], voxel_size=0.25, batch=b[:0], mode="trilinear")
     assert empty.shape == (0, 37) and empty.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trilinear_devoxelize_gradient_on_the_core_is_the_transposed_sum(dtype):
+    """The feats' gradient of the core's corner product is its transpose
+    (each voxel's points, in point order): torch's path's gradient to a few
+    ulps, the same bits at 1 and 2 threads and again; float64 gradcheck and
+    gradgradcheck (the second derivative through torch's index_add); no
+    points give zeros."""
+    points, _, batch = cloud(2500, seed=12, dtype=torch.float64, batches=2)
+    x, _ = ps.voxelize(points, torch.randn(len(points), 21, dtype=torch.float64).to(dtype), voxel_size=0.25,
+                       batch=batch)
+    g = torch.randn(len(points), 21, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def grad_of(feats, pts=points, b=batch, out_grad=g):
+        leaf = feats.detach().clone().requires_grad_(True)
+        ps.devoxelize(x.with_feats(leaf), points=pts, voxel_size=0.25, batch=b, mode="trilinear").backward(out_grad)
+        return leaf.grad
+
+    with ps.backend("torch"):
+        want = grad_of(x.feats)
+    got = []
+    for threads in (1, 2, 2):
+        with _ext.threads_here(threads):
+            got.append(grad_of(x.feats))
+    assert got[0].dtype == dtype and all(torch.equal(a, got[0]) for a in got)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[0].float(), want.float(), atol=tol * float(want.abs().max()), rtol=0)
+    assert not grad_of(x.feats, points[:0], batch[:0], g[:0]).any()
+    xs, _ = ps.voxelize(points[:60], torch.randn(60, 2, dtype=torch.float64), voxel_size=0.25, batch=batch[:60])
+
+    def f(feats):
+        return ps.devoxelize(xs.with_feats(feats), points=points[:60], voxel_size=0.25, batch=batch[:60],
+                             mode="trilinear")
+
+    leaf = xs.feats.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (leaf,))
+    assert torch.autograd.gradgradcheck(f, (leaf,))
 
 
 @pytest.mark.parametrize("stride", [1, (1, 2, 4)])
@@ -221,6 +259,12 @@ def test_torch_path_end_to_end_equals_core(reduce, dtype, monkeypatch):
         results.append((x.coords, x.feats, inverse, near, tri, tri2, *grads))
     monkeypatch.undo()
     for i, (a, b) in enumerate(zip(*results)):
+        if i >= 7:  # the trilinear gradients: the core's transposed product sums each voxel's terms in point order,
+            # torch's autograd corner by corner (test_trilinear_devoxelize_gradient_on_the_core_is_the_transposed_sum)
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=(1e-13 if dtype == torch.float64 else 4e-6)
+                                       * float(b.abs().max()))
+            continue
         assert a.dtype == b.dtype and torch.equal(a, b), (i, (a.double() - b.double()).abs().max())
 
 
