@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import _ext
@@ -530,7 +531,9 @@ def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, c
     count; the feats' gradient is the transposed product (each voxel's row
     of the points around it, in point order: :class:`_CornerSum`). The torch
     path runs where the weights need a gradient, in a compiled graph or a
-    torch.func transform, and under a torch function mode (the pruning
+    torch.func transform, for feats carrying a forward-mode tangent
+    (torch.autograd.forward_ad: the core's product has no jvp rule and
+    would drop it, a silent zero), and under a torch function mode (the pruning
     graph's tracer follows the channels through the step's torch
     operations; the core's has none): corner by corner into one (N, C) sum
     (the (N, 8, C) gather of all corners at once held 8 rows a point, 1 GB
@@ -539,7 +542,8 @@ def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, c
     where the backward of advanced indexing uses float atomics)."""
     cols = idx.clamp_min(0)
     if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling() and \
-            not _ext.in_transform() and not torch._C._is_torch_function_mode_enabled() and _ext.serves(feats):
+            not _ext.in_transform() and not torch._C._is_torch_function_mode_enabled() and \
+            forward_ad.unpack_dual(feats).tangent is None and _ext.serves(feats):
         if torch.is_grad_enabled() and feats.requires_grad:
             return _CornerSum.apply(feats, cols, weight.detach(), compute)
         return _corner_product(feats.to(compute), cols, weight)

@@ -211,6 +211,29 @@ def test_trilinear_devoxelize_gradient_on_the_core_is_the_transposed_sum(dtype):
     assert torch.autograd.gradgradcheck(f, (leaf,))
 
 
+def test_trilinear_devoxelize_keeps_a_forward_mode_tangent():
+    """Feats carrying a forward-mode tangent (torch.autograd.forward_ad,
+    torch.func.jvp) keep it through trilinear devoxelize, as the torch
+    path's corner sum does: the core's product has no jvp rule and would
+    drop it (a silent zero)."""
+    from torch.autograd import forward_ad
+
+    points, _, batch = cloud(800, seed=13, dtype=torch.float64, batches=2)
+    x, _ = ps.voxelize(points, torch.randn(len(points), 5, dtype=torch.float64), voxel_size=0.25, batch=batch)
+    tangent = torch.randn_like(x.feats)
+
+    def run(feats):
+        return ps.devoxelize(x.with_feats(feats), points=points, voxel_size=0.25, batch=batch, mode="trilinear")
+
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(run(forward_ad.make_dual(x.feats, tangent)))
+    # the map is linear in the feats: its tangent is the map of the tangent
+    assert out.tangent is not None
+    torch.testing.assert_close(out.tangent, run(tangent), rtol=0, atol=1e-12)
+    _, jvp = torch.func.jvp(run, (x.feats,), (tangent,))
+    torch.testing.assert_close(jvp, run(tangent), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("stride", [1, (1, 2, 4)])
 def test_trilinear_torch_equals_core_at_the_top_of_int32(stride):
     """Voxels at the top of int32 whose x span (6 voxels) is no power of two:
