@@ -587,10 +587,11 @@ class _CornerSum(torch.autograd.Function):
             for k in range(8):
                 out = out.index_add(0, cols[:, k], grad * weight[:, k:k + 1])
             return out.to(ctx.dtype), None, None, None
+        from .formats._storage import pointer_of_lines  # noqa: PLC0415 - the formats import the package
+
         flat = cols.reshape(-1)
         order = torch.sort(flat, stable=True)[1]
-        pointer = torch.zeros(ctx.voxels + 1, dtype=torch.int64)
-        pointer[1:] = torch.bincount(flat, minlength=ctx.voxels).cumsum(0)
+        pointer = pointer_of_lines(flat, ctx.voxels)  # (each voxel's row: its points' pairs, in point order)
         points = _ext.to_numpy(order // 8).view(np.uint64)
         out = _ext.call(_ext.core.csr_spmm, _ext.to_numpy(pointer), points, _ext.to_numpy(weight.reshape(-1)[order]),
                         _ext.to_numpy(grad), grad.shape[0], None)
