@@ -628,7 +628,7 @@ _TEXT_MAX = 10_000  #: characters
 _DEPTH_MAX = 100  #: levels of nesting of its syntax tree
 _DIGITS_MAX = 64  #: digits of a number written in it
 _EXPONENT_MAX = 64  #: the largest exponent of a power (or shift) in size; a constant, and no power in another
-_PRECISION_MAX = 1024  #: an int keyword's largest value (Float's precision in bits, torch writes 53)
+_PRECISION_MAX = 1024  #: a keyword's largest number (Float's precision in bits, torch writes 53)
 #: The functions that raise to a power (the second argument is the exponent), by the name they are called by.
 _POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift"})
 #: sympy's classes torch writes in a shape expression (its own, :mod:`torch.utils._sympy`'s, are read too):
@@ -715,7 +715,7 @@ def _values_unbounded(node, expression: bool) -> str | None:
     :data:`_POWERS`) whose exponent is no int constant of at most
     :data:`_EXPONENT_MAX` in size or whose base holds another power; a list
     or tuple in arithmetic (``[0] * n``); a class other than
-    :func:`_bounded_class`'s; a keyword's int past :data:`_PRECISION_MAX`,
+    :func:`_bounded_class`'s; a keyword's number past :data:`_PRECISION_MAX`,
     a Float's second argument; ``math``'s :data:`_MATH_UNBOUNDED`."""
     stack = [(node, False)]  # (a node, whether it is inside the base of a power)
     while stack:
@@ -735,9 +735,10 @@ def _values_unbounded(node, expression: bool) -> str | None:
                 power = node.args[0], node.args[1]
             if called == "Float" and len(node.args) > 1:
                 return "a Float of more than one argument (its precision is given as precision=)"
-            for keyword in node.keywords:
+            for keyword in node.keywords:  # (a number of any type: Float(precision=1e9) stalled as the int did)
                 value = keyword.value.value if isinstance(keyword.value, ast.Constant) else None
-                if type(value) is int and abs(value) > _PRECISION_MAX:
+                if isinstance(value, (int, float, complex)) and not isinstance(value, bool) and \
+                        abs(value) > _PRECISION_MAX:
                     return f"the keyword {keyword.arg}={value}, past {_PRECISION_MAX} (a precision in bits)"
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
                 isinstance(node.func.value, ast.Name) and node.func.value.id == "math" and \

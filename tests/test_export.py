@@ -1390,6 +1390,18 @@ def test_a_program_whose_shape_expressions_or_guards_are_numerically_huge_is_ref
     export._check_graph_code(good, "models/model.json", json.dumps(graph).encode())  # (what torch writes: read)
 
 
+def test_a_shape_expression_of_a_float_precision_past_the_bound_is_refused(tmp_path):
+    """A keyword's bound held for an int alone: ``Float('1.5', precision=1e9)`` (a float constant) passed,
+    and sympy never finished reading it (the int 1000000000 was refused). A number's keyword past the bound
+    is refused whatever its type; torch's own (precision=53) still reads."""
+    path = tmp_path / "m.pt2"
+    for text in ("Float('1.5', precision=1e9)", "Float('1.5', precision=1000000000.0)", "Float('1.5', dps=1e300)"):
+        graph = json.dumps([{"expr_str": text}]).encode()
+        with pytest.raises(ValueError, match=r"its graph holds the shape expression .* with the keyword (precision|dps)="):
+            export._check_graph_code(path, "models/model.json", graph)
+    export._check_graph_code(path, "models/model.json", json.dumps([{"expr_str": "Float('0.5', precision=53)"}]).encode())
+
+
 def test_load_reads_the_program_it_checked_when_the_file_is_replaced_after_the_check(tmp_path, monkeypatch):
     """export.load checked the file, then had torch read the path again: a file replaced in between (here
     by one whose shape expression runs code) was read unchecked, its code run. The file is read once, and
