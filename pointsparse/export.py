@@ -643,14 +643,18 @@ _SYMPY_CLASSES = frozenset({
 #: ``math``'s functions whose value of a large integer takes long to compute (a guard's others are quick).
 _MATH_UNBOUNDED = frozenset({"factorial", "comb", "perm"})
 _LONG_NUMBER = re.compile(rf"\d{{{_DIGITS_MAX + 1}}}")
+#: A decimal exponent of a number (``1e999999999``: a few digits written, a value of a billion digits).
+_EXPONENT = re.compile(r"[\d.][eE][+-]?(\d+)")
 
 
 def _text_unbounded(text: str) -> str | None:
     """What of the bounds a shape expression's or guard's ``text`` passes
-    before it is parsed (its length, the digits of its numbers), or None."""
+    before it is parsed (its length, the digits of its numbers, a decimal
+    exponent's among them: ``1e999999999``), or None."""
     if len(text) > _TEXT_MAX:
         return f"{len(text)} characters, more than {_TEXT_MAX}"
-    if _LONG_NUMBER.search(text):
+    if _LONG_NUMBER.search(text) or any(int(m.group(1)[-3:]) > _DIGITS_MAX or m.group(1)[:-3].strip("0")
+                                        for m in _EXPONENT.finditer(text)):
         return f"a number of more than {_DIGITS_MAX} digits"
     return None
 

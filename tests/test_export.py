@@ -1395,11 +1395,25 @@ def test_a_shape_expression_of_a_float_precision_past_the_bound_is_refused(tmp_p
     and sympy never finished reading it (the int 1000000000 was refused). A number's keyword past the bound
     is refused whatever its type; torch's own (precision=53) still reads."""
     path = tmp_path / "m.pt2"
-    for text in ("Float('1.5', precision=1e9)", "Float('1.5', precision=1000000000.0)", "Float('1.5', dps=1e300)"):
+    for text in ("Float('1.5', precision=1e9)", "Float('1.5', precision=1000000000.0)", "Float('1.5', dps=100000.0)"):
         graph = json.dumps([{"expr_str": text}]).encode()
         with pytest.raises(ValueError, match=r"its graph holds the shape expression .* with the keyword (precision|dps)="):
             export._check_graph_code(path, "models/model.json", graph)
     export._check_graph_code(path, "models/model.json", json.dumps([{"expr_str": "Float('0.5', precision=53)"}]).encode())
+
+
+def test_a_number_written_with_a_large_decimal_exponent_is_refused(tmp_path):
+    """The digits bound counted the digits written: ``Float('1e999999999')``, ``Rational('1e999999999')``
+    (a few digits, a value of a billion) passed, and sympy never finished reading them (it computes the
+    number exactly). An exponent past the bound on digits is refused, as the digits themselves are; a
+    float's usual exponent (``1.0e-5``) still reads."""
+    path = tmp_path / "m.pt2"
+    for text in ("Float('1e999999999')", "Rational('1e999999999')", "Integer(Float('2.5E+65'))",
+                 "floor(Float('.5e-1000'))"):
+        with pytest.raises(ValueError, match=r"its graph holds the shape expression .* with a number of more than"):
+            export._check_graph_code(path, "models/model.json", json.dumps([{"expr_str": text}]).encode())
+    for text in ("Float('1.0e-5')", "Float('2.5E+64')", "Mul(Float('1.00000000000000e-5'), Symbol('s0'))"):
+        export._check_graph_code(path, "models/model.json", json.dumps([{"expr_str": text}]).encode())
 
 
 def test_load_reads_the_program_it_checked_when_the_file_is_replaced_after_the_check(tmp_path, monkeypatch):
