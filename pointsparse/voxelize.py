@@ -570,7 +570,8 @@ class _CornerSum(torch.autograd.Function):
     points' gradients times their weights (the pairs sorted stably by voxel:
     point order within one) as a second CSR product; deterministic for any
     thread count. Under ``create_graph`` the backward is torch's index_add
-    of each corner (differentiable, for a second derivative)."""
+    of each corner (differentiable, for a second derivative), as it is
+    under vmap (``is_grads_batched``, a vectorized jacobian)."""
 
     @staticmethod
     def forward(ctx, feats, cols, weight, compute):
@@ -582,7 +583,9 @@ class _CornerSum(torch.autograd.Function):
     def backward(ctx, grad):
         cols, weight = ctx.saved_tensors
         grad = grad.to(weight.dtype)
-        if torch.is_grad_enabled():  # (create_graph: a graph of the gradient's own)
+        if torch.is_grad_enabled() or _ext.in_transform() or torch._C._functorch.is_legacy_batchedtensor(grad):
+            # (create_graph: a graph of the gradient's own; torch's vmap, of is_grads_batched or a vectorized
+            # jacobian: a batched gradient, which the core takes none of)
             out = grad.new_zeros((ctx.voxels, grad.shape[1]))
             for k in range(8):
                 out = out.index_add(0, cols[:, k], grad * weight[:, k:k + 1])

@@ -234,6 +234,28 @@ def test_trilinear_devoxelize_keeps_a_forward_mode_tangent():
     torch.testing.assert_close(jvp, run(tangent), rtol=0, atol=1e-12)
 
 
+def test_trilinear_devoxelize_gradient_on_the_core_under_vmap():
+    """The core's corner product's backward run under vmap
+    (torch.autograd.grad with is_grads_batched, torch.autograd.functional's
+    jacobian with vectorize=True): torch's index_add of each corner, the
+    gradients of the rows one by one (the core's transposed product took no
+    batched gradient: "Batching rule not implemented for aten::detach")."""
+    points, _, batch = cloud(80, seed=14, dtype=torch.float64, batches=2)
+    x, _ = ps.voxelize(points, torch.randn(len(points), 3, dtype=torch.float64), voxel_size=0.25, batch=batch)
+
+    def run(feats):
+        return ps.devoxelize(x.with_feats(feats), points=points, voxel_size=0.25, batch=batch, mode="trilinear")
+
+    leaf = x.feats.detach().clone().requires_grad_(True)
+    out = run(leaf)
+    rows = torch.randn((4, *out.shape), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad(out, leaf, rows, is_grads_batched=True, retain_graph=True)[0]
+    want = torch.stack([torch.autograd.grad(out, leaf, r, retain_graph=True)[0] for r in rows])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(run, x.feats, vectorize=True)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(run, x.feats), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("stride", [1, (1, 2, 4)])
 def test_trilinear_torch_equals_core_at_the_top_of_int32(stride):
     """Voxels at the top of int32 whose x span (6 voxels) is no power of two:
