@@ -831,6 +831,28 @@ torch.utils._pytree.register_pytree_node(
     from_dumpable_context=lambda text: tuple(json.loads(text)))
 
 
+def items_of(values, kind: type, caller: str, one: str) -> list:
+    """``values`` (a non-empty iterable of ``kind``) as a list, for a
+    function taking a list of them (``caller``, e.g. "collate"; ``one``: what
+    to call a single item, as in "give [tensor]"): a TypeError for one item
+    given bare (whose list() says "'X' object is not iterable"), for what is
+    no iterable or holds another type, and a ValueError for none."""
+    name = kind.__name__
+    if isinstance(values, kind):
+        raise TypeError(f"{caller} takes a list of {name}s; got one {name} (give [{one}])")
+    try:
+        items = iter(values)
+    except TypeError:  # (Python's own: "'int' object is not iterable")
+        raise TypeError(f"{caller} takes a list of {name}s; got {type(values).__name__}") from None
+    values = list(items)  # (a TypeError raised while iterating is the iterable's own)
+    if not values:
+        raise ValueError(f"{caller} needs at least one {name}; got none")
+    for i, v in enumerate(values):
+        if not isinstance(v, kind):
+            raise TypeError(f"{caller} takes {name}s; item {i} is {type(v).__name__}")
+    return values
+
+
 def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
     """One batched SparseTensor: the batch indices of the i-th tensor are
     shifted past those of the tensors before it, an empty tensor counting
@@ -838,18 +860,7 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
     i-th of single-scan tensors has batch index i, whether or not one
     before it is empty). Empty tensors at the end hold no row, so the
     result's ``batch_size`` cannot count them."""
-    if isinstance(tensors, SparseTensor):  # (list() of one says "'SparseTensor' object is not iterable")
-        raise TypeError("collate takes a list of SparseTensors; got one SparseTensor (give [tensor])")
-    try:
-        items = iter(tensors)
-    except TypeError:  # (Python's own: "'int' object is not iterable")
-        raise TypeError(f"collate takes a list of SparseTensors; got {type(tensors).__name__}") from None
-    tensors = list(items)  # (a TypeError raised while iterating is the iterable's own)
-    if not tensors:
-        raise ValueError("collate needs at least one SparseTensor")
-    for i, t in enumerate(tensors):
-        if not isinstance(t, SparseTensor):
-            raise TypeError(f"collate takes SparseTensors; item {i} is {type(t).__name__}")
+    tensors = items_of(tensors, SparseTensor, "collate", "tensor")
     stride, channels, device = tensors[0].stride, tensors[0].num_channels, tensors[0].device
     dtype = tensors[0].dtype
     for i, t in enumerate(tensors):

@@ -18,7 +18,7 @@ import torch
 
 from .. import coords as _coords
 from ..coords import KeyLayout
-from ..tensor import SparseTensor, as_bool, as_float, collate
+from ..tensor import SparseTensor, as_bool, as_float, collate, items_of
 from ..voxelize import _voxelize
 from .readers import _ignore_index
 from .sample import Sample
@@ -321,18 +321,9 @@ class Batch:
         """The samples in one batch: their tensors through
         :func:`pointsparse.collate` (each sample's batch indices after those
         of the samples before it), point maps and labels concatenated to match."""
-        if isinstance(samples, VoxelSample):  # (list() of one says "'VoxelSample' object is not iterable")
-            raise TypeError("Batch.of takes a list of VoxelSamples; got one VoxelSample (give [sample])")
-        try:
-            items = iter(samples)
-        except TypeError:  # (Python's own: "'int' object is not iterable")
-            raise TypeError(f"Batch.of takes a list of VoxelSamples; got {type(samples).__name__}") from None
-        samples = list(items)
-        if not samples:  # (collate's own error named collate and SparseTensors, neither of them given here)
-            raise ValueError("Batch.of needs at least one VoxelSample; got none")
+        # (checked here: collate's errors name collate and SparseTensors, neither of them given here)
+        samples = items_of(samples, VoxelSample, "Batch.of", "sample")
         for i, s in enumerate(samples):
-            if not isinstance(s, VoxelSample):
-                raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
             _check_parts(i, s)
         _check_voxel_sizes(samples)
         # Range checked; sample i (empty or not)
