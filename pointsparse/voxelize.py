@@ -513,7 +513,6 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     # weights in the wider precision of points and feats
     wide = torch.promote_types(points.dtype, tensor.dtype)
     idx, weight = _trilinear(tensor, points.to(wide), vs, batch)
-    n, c = idx.shape[0], tensor.feats.shape[1]
     # float16 / bfloat16 feats interpolated in float32, the result rounded once (their weights and 8 products
     # rounded each: a constant field came back off by an ulp between voxels)
     compute = torch.promote_types(tensor.dtype, torch.float32)
