@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -553,6 +555,52 @@ def test_a_conv_the_torch_path_runs_is_costed_as_it_ran():
     keep = ps.nn.functional.region_of(3, "cross")
     assert row["dense_flops"] == 2 * int(counts[keep].sum()) * 6
     assert (row["executed_flops"], row["execution"]) == (2 * int(counts.sum()) * 6, "torch")
+
+
+
+class _Calls(nn.Module):
+    """One sparse conv called once per entry of ``paths``, in order: on the
+    engine (``"engine"``) or the pure-torch path (``"torch"``)."""
+
+    def __init__(self, conv, paths):
+        super().__init__()
+        self.conv, self.paths = conv, paths
+
+    def forward(self, t):
+        import pointsparse as ps
+
+        for path in self.paths:
+            with ps.backend("torch") if path == "torch" else contextlib.nullcontext():
+                t = self.conv(t)
+        return t
+
+
+def test_a_layer_called_on_different_executions_is_labelled_with_each():
+    """A conv called several times in the forward sums its calls' FLOPs; its
+    ``execution`` showed the last call's alone (an engine call skipping
+    offsets and a torch call: "torch" beside the sum of both). Now the
+    distinct executions in call order joined by "+"; calls that agree keep
+    the one label."""
+    torch.manual_seed(0)
+    conv = SparseConv(4, 4, 3)
+    with torch.no_grad():
+        conv.weight[:10] = 0  # (whole offsets: the engine skips them)
+    x = sparse_input(n=12, channels=4)
+    counts = naive_pair_counts(x.coords)  # (a submanifold conv: every call on the same sites)
+    engine, run = 2 * int(counts[10:].sum()) * 16, 2 * int(counts.sum()) * 16
+
+    def row(*paths):
+        return prune.sparsity_report(_Calls(conv, paths), x)["layers"]["conv"]
+
+    assert (row("engine")["execution"], row("torch")["execution"]) == ("offsets", "torch")
+    mixed = row("engine", "torch", "engine")
+    assert (mixed["execution"], mixed["executed_flops"]) == ("offsets+torch", 2 * engine + run)
+    assert mixed["flops"] == 3 * row("engine")["flops"]
+    assert row("torch", "engine")["execution"] == "torch+offsets"
+    same = row("engine", "engine")
+    assert (same["execution"], same["executed_flops"]) == ("offsets", 2 * engine)
+    assert row("torch", "torch")["execution"] == "torch"
+    assert "(offsets+torch)" in prune.format_report(prune.sparsity_report(_Calls(conv, ("engine", "torch")), x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

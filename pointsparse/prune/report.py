@@ -44,7 +44,10 @@ pair of every offset times the whole ``(C_in, C_out)`` matrix (all-zero
 offsets and offsets outside a ``kernel_region`` too; on another device,
 where its columns fit, one product over ``K`` columns per output site:
 ``pointsparse.nn.reference.torch_flops``); torch layers run dense
-(``execution`` "dense", ``executed_flops == dense_flops``). Without an
+(``execution`` "dense", ``executed_flops == dense_flops``). A layer
+called several times in the forward sums its calls' FLOPs, and its
+``execution`` is its calls' label where they agree, else their distinct
+labels in call order joined by "+" (``"offsets+torch"``). Without an
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
 map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
 whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
@@ -271,7 +274,9 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     docstring). ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs (a layer called several times adds
-    up its calls); ``pairs`` maps a sparse conv's (or a compressed
+    up its calls, and its ``execution`` is theirs where they agree, else
+    each distinct one in call order joined by "+", e.g. ``"offsets+torch"``
+    for a call on the engine and one on the pure-torch path); ``pairs`` maps a sparse conv's (or a compressed
     ``SparseConv3d``'s) qualified name to one call's per-offset pair counts
     (shape ``(K,)``), used for each of its calls. ``total`` counts each
     distinct weight tensor once: layers sharing one (tied weights) each list
@@ -374,7 +379,12 @@ def _pair_counts(module, sparse_input) -> torch.Tensor:
 
 
 def _count_flops(model, modules, layers, example_input, pairs):
-    handles = []
+    """Run ``example_input`` through ``model`` and fill each layer's FLOPs:
+    its calls' counts summed, its ``execution`` each distinct one of its
+    calls ran, in call order, joined by "+" (a row holding the sum of a
+    dense call and an offset-skipping one labelled with the last call's
+    alone told half of it)."""
+    handles, executions = [], {}
 
     def hook_for(qualified, module):
         def hook(mod, inputs, output):
@@ -383,7 +393,9 @@ def _count_flops(model, modules, layers, example_input, pairs):
                 counts = pairs[qualified] if qualified in pairs else _pair_counts(mod, inputs[0])
             else:
                 counts = None
-            _set_flops(layers[qualified], _layer_flops(mod, weight, inputs, output, counts), add=True)
+            flops = _layer_flops(mod, weight, inputs, output, counts)
+            _set_flops(layers[qualified], flops, add=True)
+            executions.setdefault(qualified, {})[flops[3]] = None  # (a dict: distinct, in call order)
 
         return hook
 
@@ -398,6 +410,8 @@ def _count_flops(model, modules, layers, example_input, pairs):
     for qualified, row in layers.items():
         if row["flops"] is None:  # the layer did not run on this input
             row["flops"], row["dense_flops"], row["executed_flops"] = 0, 0, 0
+        else:
+            row["execution"] = "+".join(executions[qualified])
 
 
 def _set_flops(row: dict, counts: tuple, add: bool = False) -> None:
