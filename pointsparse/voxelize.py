@@ -438,6 +438,16 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     argument the mode does not read (``points``, ``voxel_size`` or ``batch``
     in nearest mode, ``inverse`` in trilinear) is a ValueError naming it.
 
+    Trilinear mode is differentiable in ``points`` too, in eager mode: where
+    grad is enabled and ``points`` require it (or carry a forward-mode
+    tangent, torch.func.jvp's), the weights are made of torch
+    operations on the points (the same indices and weights as the C++
+    core's, which carry no history), on the CPU as on any other device
+    (piecewise: the 8 corners change where a point crosses a voxel centre
+    plane). In a graph of torch.compile or torch.export the points are
+    constants of the weights (detached: no gradient reaches them) and
+    ``tensor.feats`` alone gets one.
+
     After a :class:`~pointsparse.nn.VoxelPrune` at the tensor's stride (its
     rows are K of the N voxels ``inverse`` maps into) ``inverse`` goes
     through the kept rows: a point whose voxel was kept gets that voxel's
@@ -530,7 +540,7 @@ def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, c
     count; the feats' gradient is the transposed product (each voxel's row
     of the points around it, in point order: :class:`_CornerSum`). The torch
     path runs where the weights need a gradient, in a compiled graph or a
-    torch.func transform, for feats carrying a forward-mode tangent
+    torch.func transform, for feats or weights carrying a forward-mode tangent
     (torch.autograd.forward_ad: the core's product has no jvp rule and
     would drop it, a silent zero), and under a torch function mode (the pruning
     graph's tracer follows the channels through the step's torch
@@ -542,7 +552,8 @@ def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, c
     cols = idx.clamp_min(0)
     if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling() and \
             not _ext.in_transform() and not torch._C._is_torch_function_mode_enabled() and \
-            forward_ad.unpack_dual(feats).tangent is None and _ext.serves(feats):
+            forward_ad.unpack_dual(feats).tangent is None and forward_ad.unpack_dual(weight).tangent is None and \
+            _ext.serves(feats):
         if torch.is_grad_enabled() and feats.requires_grad:
             return _CornerSum.apply(feats, cols, weight.detach(), compute)
         return _corner_product(feats.to(compute), cols, weight)
@@ -618,7 +629,9 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
     point (``idx`` -1 and weight 0 at an inactive corner), as
     ``devoxelize(mode="trilinear")`` takes them; its arguments checked as
     devoxelize checks them (every point finite: in a compiled graph, when
-    the ``trilinear_weights`` operator runs)."""
+    the ``trilinear_weights`` operator runs). The weights carry the points'
+    gradient as devoxelize's do (eager mode, grad enabled, ``points``
+    requiring it, or a forward-mode tangent of theirs)."""
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     vs = _voxel_size(voxel_size)
@@ -634,7 +647,11 @@ def _trilinear(tensor: SparseTensor, points: torch.Tensor, vs, batch):
         # that require grad, made by a learnable step, failed the graph's build)
         return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points.detach(), list(vs),
                                                        batch)
-    if not _ext.serves(tensor.coords, points):
+    if (torch.is_grad_enabled() and points.requires_grad) or forward_ad.unpack_dual(points).tangent is not None \
+            or not _ext.serves(tensor.coords, points):
+        # (the core's weights are numbers without a history: points that require grad or carry a forward-mode
+        # tangent get the torch twin's, the same indices and weights made of torch operations on the points, so
+        # a gradient reaches them on the CPU as on any other device)
         return _trilinear_torch(tensor, points, vs, batch)
     layout = _coords.KeyLayout.of(tensor.coords)
     sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords, layout))

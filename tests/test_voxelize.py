@@ -406,6 +406,74 @@ def test_devoxelize_trilinear_gradcheck(stride):
     assert torch.autograd.gradcheck(fn, (f,))
 
 
+def test_trilinear_devoxelize_gives_points_a_gradient_on_the_core_as_on_the_torch_path(monkeypatch):
+    """On the CPU the core's trilinear weights are numbers without a history:
+    points that required grad got none from devoxelize(mode="trilinear")
+    (their grad stayed None) where the torch path, on any other device,
+    gives them one. Points that require grad now take the torch twin's
+    weights: float64 gradcheck in points and feats together (the points
+    inside their cells, away from the planes of voxel centres where the 8
+    corners change), the gradients of the torch path bit for bit, the
+    forward the core path's bits; points without grad, or under no_grad,
+    still get the core's weights. A forward-mode tangent of the points
+    (forward_ad, torch.func.jvp) and torch.func.grad in them: the torch
+    path's too (the core's weights dropped the tangent, a silent zero)."""
+    points, _, batch = cloud(200, seed=16, dtype=torch.float64, batches=2, scale=1.0)
+    x, _ = ps.voxelize(points, torch.randn(len(points), 3, dtype=torch.float64), voxel_size=0.25, batch=batch)
+    # each query in the corner cell of one of the cloud's points (so an active corner), its fraction in [0.2, 0.8]
+    g = torch.Generator().manual_seed(4)
+    cell = torch.floor(points[:24] / 0.25 - 0.5)
+    query = (cell + 0.5 + 0.2 + 0.6 * torch.rand(24, 3, generator=g, dtype=torch.float64)) * 0.25
+    qb = batch[:24]
+
+    def run(feats, pts):
+        return ps.devoxelize(x.with_feats(feats), points=pts, voxel_size=0.25, batch=qb, mode="trilinear")
+
+    def grads():
+        feats = x.feats.detach().clone().requires_grad_(True)
+        pts = query.clone().requires_grad_(True)
+        out = run(feats, pts)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape))
+        return out.detach(), pts.grad, feats.grad
+
+    out, points_grad, feats_grad = grads()
+    assert points_grad is not None and bool(points_grad.abs().sum() > 0)
+    with ps.backend("torch"):
+        want = grads()
+    assert torch.equal(points_grad, want[1]) and torch.equal(feats_grad, want[2])
+    with torch.no_grad():
+        assert torch.equal(out, run(x.feats, query)) and torch.equal(out, want[0])
+    calls = []
+    neighbors = _ext.core.trilinear_neighbors
+    monkeypatch.setattr(_ext.core, "trilinear_neighbors", lambda *a: calls.append(a) or neighbors(*a))
+    leaf = query.clone().requires_grad_(True)
+    with torch.no_grad():
+        run(x.feats, leaf)
+    run(x.feats.clone().requires_grad_(True), query)
+    assert len(calls) == 2
+    run(x.feats, leaf)
+    assert len(calls) == 2
+    feats = x.feats.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(run, (feats, query.clone().requires_grad_(True)))
+    # the points' forward-mode tangent (the core's weights dropped it too) and torch.func.grad (a zero gradient)
+    from torch.autograd import forward_ad
+
+    tangent = torch.randn(query.shape, dtype=torch.float64, generator=g)
+
+    def transformed():
+        with forward_ad.dual_level():
+            dual = forward_ad.unpack_dual(run(x.feats, forward_ad.make_dual(query, tangent))).tangent
+        return (dual, torch.func.jvp(lambda p: run(x.feats, p), (query,), (tangent,))[1],
+                torch.func.grad(lambda p: run(x.feats, p).pow(2).sum())(query))
+
+    got = transformed()
+    with ps.backend("torch"):
+        want = transformed()
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(got, want))
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-12)
+    assert bool(got[0].abs().sum() > 0) and bool(got[2].abs().sum() > 0)
+
+
 # --- empty and single-point inputs ---------------------------------------------
 
 @pytest.mark.parametrize("reduce", REDUCES)
