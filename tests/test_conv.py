@@ -748,3 +748,86 @@ def test_conv3d_takes_api_md_positional_order_and_defaults():
     torch.testing.assert_close(out.feats, dense_conv(x, down.weight.detach(), out.coords, 2, 2,
                                                      bias=down.bias.detach()), rtol=1e-12, atol=1e-12)
     assert up(out).coords.shape == x.coords.shape
+
+
+def test_conv3d_made_in_float64_runs_as_the_float32_one_converted():
+    """Conv3d took no ``dtype`` (torch's factory kwarg: ``torch.nn.Conv3d(..., dtype=torch.float64)``): a
+    float64 conv was built in float32 and converted. ``dtype=torch.float64`` makes the weight and bias in
+    float64: drawn in float64 (torch's float64 uniform draws, not float32 values widened; the same seed gives
+    other values than the float32 draws, as for torch's own modules), within the same bound, and on the
+    same values the conv runs as the float32-built one converted with ``.double()``, bit for bit."""
+    torch.manual_seed(0)
+    wide = ps.nn.Conv3d(3, 4, 3, bias=True, dtype=torch.float64)
+    assert wide.weight.dtype == wide.bias.dtype == torch.float64
+    bound = 1 / np.sqrt(3 * 27)
+    assert wide.weight.abs().max() <= bound and wide.bias.abs().max() <= bound
+    assert not torch.equal(wide.weight, wide.weight.float().double())  # (drawn in float64)
+    torch.manual_seed(0)
+    narrow = ps.nn.Conv3d(3, 4, 3, bias=True).double()
+    narrow.load_state_dict(wide.state_dict())
+    x = make(c=3)
+    out = wide(x)
+    assert out.feats.dtype == torch.float64 and torch.equal(out.feats, narrow(x).feats)
+    torch.testing.assert_close(out.feats, dense_conv(x, wide.weight.detach(), x.coords, 3, bias=wide.bias.detach()),
+                               rtol=1e-12, atol=1e-12)
+    up = ps.nn.Conv3d(4, 3, 2, 2, 1, False, True, dtype=torch.float64)  # (the positional order kept before them)
+    assert up.transposed and up.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_conv3d_takes_device_and_dtype_as_torch_modules_do(dtype):
+    """``device`` and ``dtype`` are keyword-only after ``kernel_region``, as torch.nn.Conv3d's factory
+    kwargs: the weight and bias made there, in that dtype (any float dtype a SparseTensor holds)."""
+    for device in ("cpu", torch.device("cpu")):
+        conv = ps.nn.Conv3d(2, 3, 3, 1, 1, True, False, "cross", device=device, dtype=dtype)
+        for t in (conv.weight, conv.bias):
+            assert isinstance(t, torch.nn.Parameter) and t.dtype == dtype and t.device == torch.device("cpu")
+        assert torch.isfinite(conv.weight).all() and conv.weight[list(conv.kernel_region)].abs().sum() > 0
+    with pytest.raises(TypeError, match="positional"):
+        ps.nn.Conv3d(2, 3, 3, 1, 1, False, False, None, "cpu")
+
+
+def test_conv3d_on_the_meta_device_and_skip_init():
+    """``torch.nn.utils.skip_init(Conv3d, ...)`` (which passes ``device="meta"``), ``device="meta"`` and a
+    model built under ``with torch.device("meta")`` (a kernel region's mask was made there, and the
+    constructor failed reading it), then ``to_empty`` and ``reset_parameters``: the conv initialised as a
+    CPU-built one is, zeros outside its kernel region."""
+    meta = ps.nn.Conv3d(4, 8, 3, bias=True, kernel_region=[0, 13], device="meta")
+    assert meta.weight.is_meta and meta.bias.is_meta and meta.weight.shape == (27, 4, 8)
+    meta.reset_parameters()  # (nothing to initialise; not an error)
+    keep = F.region_of(3, "cross")
+    bound = 1 / np.sqrt(4 * int(keep.sum()))
+    skipped = torch.nn.utils.skip_init(ps.nn.Conv3d, 4, 8, 3, kernel_region="cross")
+    assert skipped.weight.device == torch.device("cpu") and skipped.weight.shape == (27, 4, 8)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(ps.nn.Conv3d(4, 8, 3, kernel_region="cross"), ps.nn.BatchNorm(8),
+                                    ps.nn.ReLU(), ps.nn.Conv3d(8, 3, 2, stride=2))
+    assert all(p.is_meta for p in model.parameters()) and model[0].kernel_region == (4, 10, 12, 13, 14, 16, 22)
+    model.to_empty(device="cpu")
+    for conv in (skipped, model[0]):
+        with torch.no_grad():
+            conv.weight.fill_(7.0)  # (to_empty's values are whatever the memory held)
+        conv.reset_parameters()
+        assert not conv.weight.detach()[~keep].any()
+        assert 0 < conv.weight.detach()[keep].abs().max() <= bound
+    model[1].reset_parameters()
+    model[3].reset_parameters()
+    x = make(c=4)
+    out = model.double().eval()(x)
+    assert out.feats.shape[1] == 3 and torch.isfinite(out.feats).all()
+
+
+def test_conv3d_refuses_a_dtype_or_device_it_cannot_make():
+    """A dtype the layers do not run (an integer, bool, complex or float8 one, a name, a Python type) is a
+    TypeError naming ``dtype`` and what it takes (as a SparseTensor's feats: float8 passes a floating-point
+    check and no layer runs it); a device torch does not read, an error naming ``device``."""
+    bad = [torch.int64, torch.bool, torch.complex64, "float32", float]
+    bad += [torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else []
+    for dtype in bad:
+        with pytest.raises(TypeError, match=r"dtype must be None or a floating torch.dtype .*torch.float32, "
+                                            r"torch.float64, torch.bfloat16 or torch.float16\); got"):
+            ps.nn.Conv3d(2, 3, 3, dtype=dtype)
+    with pytest.raises(ValueError, match="device must be None, a torch.device or a device string .*got 'nonsense'"):
+        ps.nn.Conv3d(2, 3, 3, device="nonsense")
+    with pytest.raises(TypeError, match=r"device must be .*got \[1\]"):
+        ps.nn.Conv3d(2, 3, 3, device=[1])

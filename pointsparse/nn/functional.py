@@ -58,7 +58,10 @@ def _region(k, region) -> torch.Tensor | None:
     if isinstance(region, str):
         if region != "cross":
             raise ValueError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}")
-        grid = torch.stack(torch.meshgrid(*[torch.arange(n) - (n - 1) // 2 for n in k], indexing="ij"), -1)
+        # (on the CPU, as every (K,) mask here: under ``with torch.device("meta")`` the default device's mask
+        # had no values and a Conv3d's constructor failed reading it, in torch's nonzero)
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n, device="cpu") - (n - 1) // 2 for n in k],
+                                          indexing="ij"), -1)
         return (grid.reshape(-1, 3) != 0).sum(1) <= 1
     try:
         items = list(region)  # (read once: a generator too)
@@ -74,7 +77,7 @@ def _region(k, region) -> torch.Tensor | None:
         raise TypeError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}") from None
     if any(not 0 <= i < volume for i in indices) or not indices:
         raise ValueError(f"kernel_region must list offset indices in [0, {volume}) for kernel_size {k}; got {region!r}")
-    keep = torch.zeros(volume, dtype=torch.bool)
+    keep = torch.zeros(volume, dtype=torch.bool, device="cpu")
     keep[indices] = True
     return keep
 

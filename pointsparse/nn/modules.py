@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..kmap import check_kernel
-from ..tensor import SparseTensor, as_bool, as_float, as_triple, positive_int
+from ..tensor import FEATS_DTYPES, SparseTensor, as_bool, as_float, as_triple, positive_int
 from . import functional as F
 
 
@@ -117,6 +117,28 @@ def _take_wrapped(state_dict, prefix: str, theirs: str, ours: str, names: tuple[
             state_dict[prefix + ours + name] = state_dict.pop(key)
 
 
+def _factory_kwargs(device, dtype) -> dict:
+    """``device`` and ``dtype`` as a module's constructor takes them (torch's
+    factory kwargs: ``torch.nn.Linear(..., device=, dtype=)``, used by
+    ``torch.nn.utils.skip_init`` and meta-device construction), checked:
+    ``dtype`` one of :data:`pointsparse.tensor.FEATS_DTYPES` (None: torch's
+    default), the dtypes the layers run (an int64 weight failed in
+    ``nn.Parameter`` saying only that it cannot require gradients);
+    ``device`` what ``torch.device`` reads (its error named as the
+    argument's)."""
+    if dtype is not None and dtype not in FEATS_DTYPES:
+        raise TypeError(f"dtype must be None or a floating torch.dtype the layers run (torch.float32, torch.float64, "
+                        f"torch.bfloat16 or torch.float16); got {dtype!r:.100}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:  # (a string torch does not read: RuntimeError)
+            raise (TypeError if isinstance(error, TypeError) else ValueError)(
+                f"device must be None, a torch.device or a device string ('cpu', 'cuda:0', 'meta', ...); "
+                f"got {device!r:.100}: {error}") from None
+    return {"device": device, "dtype": dtype}
+
+
 #: The most values a conv weight may hold (checked before it is allocated):
 #: 2^31, 8 GiB of float32, far beyond any point-cloud network.
 MAX_WEIGHT_ELEMENTS = 2**31
@@ -142,10 +164,18 @@ class Conv3d(nn.Module):
     enough weights through the vector-sparse kernels (a mask that itself
     requires grad, as in SNIP-style scoring, gets torch's gradient ``dense
     gradient * weight_orig`` on every entry). A ``(1, C_out)`` bias
-    (MinkowskiEngine's) loads as the ``(C_out,)`` one."""
+    (MinkowskiEngine's) loads as the ``(C_out,)`` one.
+
+    ``device`` and ``dtype`` (keyword-only): where and in which float dtype
+    ``weight`` and ``bias`` are made (torch's factory kwargs, as
+    ``torch.nn.Conv3d`` takes them; None: torch's defaults). ``device="meta"``
+    (also ``torch.nn.utils.skip_init``, or ``with torch.device("meta")``)
+    allocates nothing; ``to_empty(device=...)`` then ``reset_parameters()``
+    gives the initialised conv."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
-                 bias: bool = False, transposed: bool = False, kernel_region=None) -> None:
+                 bias: bool = False, transposed: bool = False, kernel_region=None, *, device=None,
+                 dtype=None) -> None:
         super().__init__()
         in_channels = positive_int(in_channels, "in_channels")
         out_channels = positive_int(out_channels, "out_channels")
@@ -163,10 +193,11 @@ class Conv3d(nn.Module):
             raise ValueError(f"a Conv3d weight of kernel_size {self.kernel_size} x in_channels {in_channels} x "
                              f"out_channels {out_channels} = {self.kernel_volume * in_channels * out_channels:,} "
                              f"values is over the limit of {MAX_WEIGHT_ELEMENTS:,} (2^31)")
+        factory = _factory_kwargs(device, dtype)  # (checked before anything is allocated)
         region = F.region_of(self.kernel_size, kernel_region)
         self.kernel_region = None if region is None else tuple(int(i) for i in region.nonzero().flatten())
-        self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         #: ReLU on the output (on the sum, when ``forward`` is given ``add``),
         #: fused into the kernel where no gradient is needed (set by
         #: :func:`pointsparse.nn.fuse_for_inference`).
@@ -202,10 +233,12 @@ class Conv3d(nn.Module):
         bound = 1.0 / math.sqrt(fan)
         nn.init.uniform_(self.weight, -bound, bound)
         if self.kernel_region is not None:
+            inside = set(self.kernel_region)
+            outside = [i for i in range(self.kernel_volume) if i not in inside]
+            # (the offsets outside as indices on the weight's device: a meta weight, as skip_init and
+            # ``with torch.device("meta")`` build it, resets too, and a CUDA one reads no mask's nonzero)
             with torch.no_grad():
-                outside = torch.ones(self.kernel_volume, dtype=torch.bool)
-                outside[list(self.kernel_region)] = False
-                self.weight[outside] = 0
+                self.weight.index_fill_(0, torch.tensor(outside, dtype=torch.int64, device=self.weight.device), 0)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
