@@ -497,6 +497,21 @@ def test_instance_norm_refuses_weight_and_bias_that_are_not_floating_point():
     torch.testing.assert_close(float64, ps.nn.functional.instance_norm(x).feats * 2 + 1)
 
 
+def test_instance_norm_refuses_a_dtype_or_device_it_cannot_make():
+    """InstanceNorm(4, dtype=torch.int64) failed in nn.Parameter ("Only Tensors of floating point ... can
+    require gradients", naming no argument): its factory kwargs are checked as Conv3d's, a TypeError naming
+    ``dtype``, an error naming ``device``; what it takes is made there (meta too)."""
+    from pointsparse import nn as pnn
+
+    for dtype in (torch.int64, torch.bool, "float64"):
+        with pytest.raises(TypeError, match="dtype must be None or a floating torch.dtype"):
+            pnn.InstanceNorm(4, dtype=dtype)
+    with pytest.raises(ValueError, match="device must be None, a torch.device or a device string"):
+        pnn.InstanceNorm(4, device="nonsense")
+    layer = pnn.InstanceNorm(4, device="meta", dtype=torch.float64)
+    assert layer.weight.is_meta and layer.bias.dtype == torch.float64
+
+
 def test_instance_norm_refuses_parameters_of_another_float_dtype_as_the_module_does():
     """functional.instance_norm cast a float64 (or float32) weight and bias to the feats' dtype without a
     word, where nn.InstanceNorm refuses parameters of another dtype than its feats (a TypeError naming

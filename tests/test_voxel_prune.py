@@ -1069,3 +1069,31 @@ def test_the_kept_feats_never_alias_the_inputs(score, rows):
     assert y.feats.shape == (rows, 4)
     y.feats.sum().backward()
     assert feats.grad is not None and feats.grad.shape == feats.shape
+
+
+def test_a_learned_score_is_made_on_the_device_and_in_the_dtype_given():
+    """VoxelPrune and VoxelSkip took no ``device`` / ``dtype`` (torch's factory kwargs): a learned score's
+    scorer, Linear(in_channels, 1), was made in float32 on the default device whatever the model's, and
+    ``torch.nn.utils.skip_init`` could not build them. Keyword-only now, checked as Conv3d's; the float64
+    scorer scores as the float32 one converted does."""
+    x = make()
+    torch.manual_seed(0)
+    layer = ps.nn.VoxelPrune(0.5, "learned", 4, dtype=torch.float64)
+    assert layer.scorer.weight.dtype == layer.scorer.bias.dtype == torch.float64
+    out = layer(x)
+    score = layer.scorer(x.feats).squeeze(1).detach()
+    rows = F.keep_per_batch(score, x.coords[:, 0], 0.5)
+    assert torch.equal(out.coords, x.coords[rows])
+    torch.testing.assert_close(out.feats, x.feats[rows] * torch.sigmoid(score[rows]).unsqueeze(1))
+    meta = ps.nn.VoxelPrune(0.5, "learned", 4, device="meta")
+    assert meta.scorer.weight.is_meta
+    skipped = torch.nn.utils.skip_init(ps.nn.VoxelPrune, 0.5, "learned", 4)
+    assert skipped.scorer.weight.device == torch.device("cpu") and skipped.scorer.weight.shape == (1, 4)
+    conv = ps.nn.Conv3d(4, 4, 3, dtype=torch.float64)
+    skip = ps.nn.VoxelSkip(conv, 0.5, "learned", 4, dtype=torch.float64, device="cpu")
+    assert skip.prune.scorer.weight.dtype == torch.float64 and skip(x).feats.shape == (len(x), 4)
+    for score in ("learned", "magnitude"):
+        with pytest.raises(TypeError, match="dtype must be None or a floating torch.dtype"):
+            ps.nn.VoxelPrune(0.5, score, 4, dtype=torch.int64)
+        with pytest.raises(ValueError, match="device must be None, a torch.device or a device string"):
+            ps.nn.VoxelSkip(conv, 0.5, score, 4, device="nonsense")

@@ -339,13 +339,17 @@ class VoxelPrune(nn.Module):
     holds K of the N voxels :func:`pointsparse.voxelize` made, and
     ``devoxelize(out, inverse)`` maps voxelize's inverse through the kept
     rows, zeros for the points of dropped voxels (see
-    :func:`pointsparse.devoxelize`)."""
+    :func:`pointsparse.devoxelize`). ``device`` and ``dtype`` (keyword-only,
+    torch's factory kwargs): where and in which float dtype a learned
+    score's ``scorer`` is made (a magnitude score has no parameters: they
+    are checked and unused)."""
 
     SCORES = ("magnitude", "learned")
 
     def __init__(self, keep_ratio: float = 0.5, score: str = "magnitude", in_channels: int | None = None,
-                 threshold: float | None = None) -> None:
+                 threshold: float | None = None, *, device=None, dtype=None) -> None:
         super().__init__()
+        factory = _factory_kwargs(device, dtype)
         self.keep_ratio = keep_ratio
         _check_score(score)
         self.threshold = threshold
@@ -355,7 +359,7 @@ class VoxelPrune(nn.Module):
                 in_channels = positive_int(in_channels, "in_channels")
             except (TypeError, ValueError) as error:  # (None or a float: TypeError; 0: ValueError)
                 raise type(error)(f"score='learned' needs in_channels, a positive int; got {in_channels!r}") from None
-            self.scorer = nn.Linear(in_channels, 1)
+            self.scorer = nn.Linear(in_channels, 1, **factory)
         elif in_channels is not None:  # unused by a magnitude score, but a count all the same
             positive_int(in_channels, "in_channels")
 
@@ -480,7 +484,8 @@ class VoxelSkip(nn.Module):
     skipped voxel keeps its shortcut, as SPS-Conv's submanifold form lets
     unimportant sites pass unconvolved: the convs cost what the kept voxels
     cost while no voxel leaves the network. ``keep_ratio``, ``score``,
-    ``in_channels`` and ``threshold`` are :class:`VoxelPrune`'s (``prune``);
+    ``in_channels``, ``threshold`` (and the keyword-only ``device`` and
+    ``dtype`` of a learned score's scorer) are :class:`VoxelPrune`'s (``prune``);
     ``module`` must return a SparseTensor on the coords it was given (one
     holding a VoxelPrune, which drops some, is a ValueError).
 
@@ -494,7 +499,8 @@ class VoxelSkip(nn.Module):
     it, ``strict=False`` lists it and leaves it as initialised."""
 
     def __init__(self, module: nn.Module, keep_ratio: float = 0.5, score: str = "magnitude",
-                 in_channels: int | None = None, threshold: float | None = None) -> None:
+                 in_channels: int | None = None, threshold: float | None = None, *, device=None,
+                 dtype=None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
@@ -507,7 +513,7 @@ class VoxelSkip(nn.Module):
             raise ValueError(f"VoxelSkip: module holds a VoxelPrune on the input of {hooked!r} (add_voxel_prune's), "
                              "which would leave the branch fewer sites than the VoxelSkip keeps: wrap modules in "
                              "VoxelSkip before adding VoxelPrune (models.add_voxel_skip, then add_voxel_prune)")
-        self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
+        self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold, device=device, dtype=dtype)
         self.module = module
 
     # keep_ratio, threshold and score are the VoxelPrune's, read and set (and checked) through this layer: set
@@ -611,9 +617,10 @@ class InstanceNorm(nn.Module):
         self.num_features = positive_int(num_features, "num_features")
         self.eps = F._check_eps(eps)
         self.affine = as_bool(affine, "affine")
+        factory = _factory_kwargs(device, dtype)  # (an int64 one failed in nn.Parameter, naming no argument)
         if self.affine:
-            self.weight = nn.Parameter(torch.ones(self.num_features, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(self.num_features, device=device, dtype=dtype))
+            self.weight = nn.Parameter(torch.ones(self.num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(self.num_features, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
