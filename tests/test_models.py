@@ -1263,6 +1263,23 @@ def test_add_voxel_prune_on_a_module_without_weights_takes_the_models_dtype():
     assert out.feats.dtype == torch.float64
 
 
+def test_add_voxel_skip_with_a_learned_score_takes_the_models_dtype():
+    """add_voxel_skip's learned score (its VoxelPrune's scorer) was left in
+    float32 on a float64 model, as add_voxel_prune's was on a module without
+    weights: its first forward refused the feats. It takes the wrapped
+    module's dtype (add_voxel_prune's rule)."""
+    from pointsparse.models import add_voxel_skip
+
+    torch.manual_seed(2)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).double().eval()
+    skip = add_voxel_skip(net, "fuse.1.0.main", 0.5, "learned", net.fuse[1][0].main[0].in_channels)
+    assert skip.prune.scorer.weight.dtype == torch.float64
+    x = _cloud(600, 4, seed=3, extent=16)
+    with torch.no_grad():
+        out = net(x.with_feats(x.feats.double()))
+    assert out.feats.dtype == torch.float64
+
+
 def test_add_voxel_skip_wraps_the_named_module_as_the_config_rebuilds_it():
     """models.add_voxel_skip (what build_model and `prune voxels` call) puts
     a VoxelSkip of the settings around the named module, returns it, and

@@ -165,6 +165,14 @@ def _in_skip_branch(model: nn.Module, module_name: str) -> str | None:
     return found
 
 
+def _as_model_is(prune: VoxelPrune, module: nn.Module, model: nn.Module) -> None:
+    """``prune`` (a learned score's scorer) moved to the device and dtype of
+    ``module``'s weights, or ``model``'s where the module has none (a ReLU)."""
+    like = next((p for m in (module, model) for p in m.parameters() if p.is_floating_point()), None)
+    if like is not None:
+        prune.to(like.device, like.dtype)
+
+
 def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
                    in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
     """Replaces ``model``'s submodule ``module_name`` by a
@@ -199,6 +207,7 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
                          "could not record the pruner under its new name; wrap modules in VoxelSkip before adding "
                          "VoxelPrune")
     skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
+    _as_model_is(skip.prune, module, model)  # (a learned score's scorer: float32 on a float64 model failed its forward)
     parent, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, skip)
     return skip
@@ -330,10 +339,7 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
         raise ValueError(f"model's {_PRUNES} holds {key!r} already, which add_voxel_prune would give to "
                          f"{module_name!r}")
     prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
-    # (the device and dtype of the module's weights, or the model's where the module has none: a ReLU)
-    like = next((p for m in (module, model) for p in m.parameters() if p.is_floating_point()), None)
-    if like is not None:
-        prune.to(like.device, like.dtype)
+    _as_model_is(prune, module, model)
     if prunes is None:
         prunes = nn.ModuleDict()
         model.add_module(_PRUNES, prunes)
