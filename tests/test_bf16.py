@@ -399,3 +399,81 @@ def test_forward_bf16_ignores_tiles_width_without_amx(monkeypatch):
     assert torch.equal(outs[0], outs[1])
     assert not _engine.bf16_tiles() and _engine.bf16_tiles_width() == float("inf")
     assert F.engine_cost(wb, torch.arange(27) + 10)[1] == "dense"
+
+
+class _Recorder:
+    """A plan's ``core`` that records which forward ran: ``("bf16", what
+    forward_bf16 says ran)`` or ``("float32", offsets run)``."""
+
+    def __init__(self, core, runs):
+        self._core, self._runs = core, runs
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+    def forward_bf16(self, *args, **kwargs):
+        ran = self._core.forward_bf16(*args, **kwargs)
+        self._runs.append(("bf16", ran))
+        return ran
+
+    def forward(self, feats, *args, active=None, **kwargs):
+        self._runs.append((str(feats.dtype), 27 if active is None else int(active.sum())))
+        return self._core.forward(feats, *args, active=active, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["dense", "cross", "offsets listed", "offsets pruned", "pair vectors pruned"])
+def test_a_bf16_conv_runs_the_bf16_kernels_unless_it_has_a_region_or_a_gradient(monkeypatch, kind):
+    """Which kernels a bf16 ``Conv3d`` runs on a CPU with AVX512-BF16, as
+    ``functional._eager_path`` says: in inference (no gradient wanted: under
+    no_grad, or a weight that requires none) the bf16 kernels, offsets
+    pruned whole skipped and a weight pruned in bf16 vectors
+    (``panel_structured(..., rows=2)``) in their vector form; a conv with a
+    ``kernel_region`` the float32 kernels on the widened values over the
+    region's offsets ("bf16 on float32"), in inference too; a gradient
+    wanted, the float32 kernels. Each within one bf16 rounding of the exact
+    conv of the bf16 weights (the float32 path equal to the float32 engine
+    on them, rounded once); engine_cost costs the kernels that ran."""
+    from pointsparse import prune
+
+    runs = []
+    real = _engine.get_plan
+
+    def recorded(kmap, cache=None):
+        plan = real(kmap, cache)
+        return _engine.FusedPlan(_Recorder(plan.core, runs), plan.identity, plan.num_in, plan.num_out)
+
+    monkeypatch.setattr(_engine, "get_plan", recorded)
+    region = {"cross": "cross", "offsets listed": [0, 4, 13, 22, 26]}.get(kind)
+    x = _cloud(3000, 16, seed=1, extent=16)
+    xb = x.with_feats(x.feats.bfloat16())
+    kmap = ps.kmap.get_kmap(x, 3)
+    for no_grad, requires_grad in ((True, True), (True, False), (False, False), (False, True)):
+        torch.manual_seed(0)
+        conv = spnn.Conv3d(16, 32, 3, bias=True, kernel_region=region)
+        if kind == "offsets pruned":
+            prune.kernel_structured(conv, "weight", 0.6, scope="offset")  # the mask kept: weight_mask given
+        elif kind == "pair vectors pruned":
+            prune.panel_structured(conv, "weight", 0.75, rows=2)
+        conv = conv.to(torch.bfloat16).requires_grad_(requires_grad)
+        runs.clear()
+        with torch.set_grad_enabled(not no_grad):
+            y = conv(xb).feats
+            path = F._conv_path(xb.feats, conv.weight, conv.bias, 3, region)
+        w, b = conv.weight.detach(), conv.bias.detach()
+        _, keep, _ = _engine.bf16_vectors(w)
+        if region is not None:
+            keep &= F.region_of(3, region)
+        inference = no_grad or not requires_grad
+        if region is None and inference:
+            ran = {"dense": "dense", "offsets pruned": "offsets", "pair vectors pruned": "vector"}[kind]
+            assert (path, runs) == ("bf16", [("bf16", ran)]), (no_grad, requires_grad)
+            assert F.engine_cost(w, kmap.sizes, 3)[1] == ran
+        else:
+            assert path == "bf16 on float32" and runs == [("float32", int(keep.sum()))], (no_grad, requires_grad)
+            wide = F.conv3d(x.with_feats(xb.feats.float()), w.float(), 3, bias=b.float(), kernel_region=region).feats
+            assert torch.equal(y.detach(), wide.detach().to(torch.bfloat16))
+        if region is not None and inference:
+            assert F.engine_cost(w, kmap.sizes, 3, region)[1] == "offsets"  # the float32 kernels' choice
+        assert y.dtype == torch.bfloat16 and y.requires_grad == (not no_grad and requires_grad)
+        exact = conv_sum(xb.feats.double(), w.double() * keep.double().view(-1, 1, 1), kmap) + b.double()
+        assert _rel(y.detach(), exact) < 2 ** -8  # one bf16 rounding of a float32 sum

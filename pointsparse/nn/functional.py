@@ -90,10 +90,13 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
     when only the nonzero vectors run; ``"tiles"``: the bf16 AMX form) and
     the multiply-adds (x2) it runs.
     A bfloat16 weight on a CPU with AVX512-BF16 is costed as the bf16
-    kernels run it (:func:`pointsparse.nn._engine.bf16_cost`), elsewhere as
-    the float32 kernels run its widened values; under ``torch.autocast`` a
+    kernels run it in inference (:func:`pointsparse.nn._engine.bf16_cost`),
+    elsewhere and with a ``kernel_region`` (which :func:`conv3d` runs in
+    the float32 kernels, "bf16 on float32": :func:`_eager_path`) as the
+    float32 kernels run its widened values; under ``torch.autocast`` a
     float32 weight the core serves in autocast's precision, as
-    :func:`conv3d` runs it."""
+    :func:`conv3d` runs it. (This is the inference cost: a bf16 conv that
+    wants a gradient runs the float32 kernels.)"""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise TypeError(f"weight must be a (K, C_in, C_out) tensor; got "
                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
@@ -202,7 +205,13 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     weight's shape, dtype and device (the entries it zeroes get a zero weight
     gradient, on the engine not computed). Offsets whose
     weight is all zero are skipped, and sparse enough weights run the
-    vector-sparse kernels (see ``nn._engine.choose_execution``).
+    vector-sparse kernels (see ``nn._engine.choose_execution``). bfloat16
+    inference (no gradient wanted) on a CPU with AVX512-BF16 runs the bf16
+    kernels, which skip all-zero offsets and run a weight sparse in bf16
+    vectors in their own vector form (``nn._engine.bf16_forward``); a bf16
+    conv with a ``kernel_region`` or without those kernels, and a bf16 or
+    fp16 conv that wants a gradient, run the float32 kernels on the widened
+    values, rounded once (:func:`_eager_path`'s "bf16 on float32").
 
     ``add``: a SparseTensor on the output's coords (a residual block's
     shortcut) added to the output before the ReLU: ``relu(conv + add)``. On
