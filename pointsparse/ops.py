@@ -22,7 +22,9 @@ output shapes, with unbacked symbolic sizes where a count depends on the data;
 ``conv(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key)``
     the fused gather-GEMM-scatter forward (bfloat16: the AVX512-BF16 kernels
     where they run), with a registered autograd formula that calls
-    ``conv_input_grad`` and ``conv_weight_grad``.
+    ``conv_input_grad`` and ``conv_weight_grad`` (differentiable in turn,
+    each one's gradient the conv and the other: a gradient penalty's second
+    derivative, ``create_graph=True``).
 ``conv_inference(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key, add?, relu)``
     the same forward with a residual and the ReLU in the kernel's store: a
     graph's conv where no gradient is needed (its autograd formula, conv's
@@ -656,6 +658,54 @@ def _conv_backward(ctx, grad):
 
 
 conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# The gradient operators' own gradients, so that a conv's gradient can be differentiated again (a gradient
+# penalty, create_graph=True, through a compiled or exported model's operators): each is linear in both its
+# tensors, its adjoints the conv and the other gradient operator (the engine's _InputGrad / _WeightGrad).
+# A backward without create_graph runs with grad mode off: nothing is recorded, the fast path unchanged.
+
+def _input_grad_setup(ctx, inputs, output):
+    grad, weight, out_coords, in_idx, out_idx, sizes, key, _num_in = inputs
+    ctx.save_for_backward(grad, weight, out_coords, in_idx, out_idx, sizes)
+    ctx.key = key
+
+
+def _input_grad_backward(ctx, h):
+    """``conv_input_grad``'s gradients for ``h``, the cotangent of the input
+    gradient: ``grad``'s is the conv of ``h``, ``weight``'s the weight
+    gradient of ``h`` against ``grad``."""
+    grad, weight, out_coords, in_idx, out_idx, sizes = ctx.saved_tensors
+    need_grad, need_weight = ctx.needs_input_grad[:2]
+    h = h.to(grad.dtype)
+    d_grad = conv(h, weight, None, out_coords, in_idx, out_idx, sizes, ctx.key) if need_grad else None
+    d_weight = conv_weight_grad(h, grad, out_coords, in_idx, out_idx, sizes, ctx.key) if need_weight else None
+    return d_grad, d_weight, None, None, None, None, None, None
+
+
+conv_input_grad.register_autograd(_input_grad_backward, setup_context=_input_grad_setup)
+
+
+def _weight_grad_setup(ctx, inputs, output):
+    feats, grad, out_coords, in_idx, out_idx, sizes, key = inputs
+    ctx.save_for_backward(feats, grad, out_coords, in_idx, out_idx, sizes)
+    ctx.key = key
+
+
+def _weight_grad_backward(ctx, v):
+    """``conv_weight_grad``'s gradients for ``v``, the cotangent of the
+    weight gradient: ``feats``' is the input gradient of ``grad`` through
+    ``v``, ``grad``'s the conv of ``feats`` with ``v``."""
+    feats, grad, out_coords, in_idx, out_idx, sizes = ctx.saved_tensors
+    need_feats, need_grad = ctx.needs_input_grad[:2]
+    v = v.to(feats.dtype)
+    d_feats = (conv_input_grad(grad, v, out_coords, in_idx, out_idx, sizes, ctx.key, feats.shape[0]) if need_feats
+               else None)
+    d_grad = conv(feats, v, None, out_coords, in_idx, out_idx, sizes, ctx.key) if need_grad else None
+    return d_feats, d_grad, None, None, None, None, None
+
+
+conv_weight_grad.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup)
 
 
 def _conv_inference_setup(ctx, inputs, output):

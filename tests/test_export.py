@@ -14,7 +14,7 @@ import pointsparse as ps
 from pointsparse import export, kmap, ops
 from pointsparse import nn as spnn
 from pointsparse.models import SPVCNN, MinkUNet
-from pointsparse.prune import surgery
+from pointsparse.prune import l1_unstructured, surgery
 from reference import conv_operator_args, dense_conv, kmap_reference, random_coords, run_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,6 +62,41 @@ def test_conv_operator_matches_dense_conv_and_gradcheck(stride):
     with ps._ext.torch_path():  # the operators' torch loop (other devices) gives the same sums and gradients
         torch.autograd.gradcheck(lambda f, w: ops.conv(f, w, None, out_coords, *pairs, ops.key_to_list(key)),
                                  (feats, weight))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_conv_operators_are_differentiable_twice(backend):
+    """A gradient penalty (create_graph=True) through the conv operators, as
+    a compiled or exported model's backward runs them: float64
+    gradgradcheck of conv (submanifold, strided) and of conv_inference (its
+    residual and ReLU), and gradcheck of the gradient operators
+    conv_input_grad and conv_weight_grad themselves, on the engine and the
+    torch loop (they had no autograd formula: the second backward raised
+    "no autograd formula was registered")."""
+    coords = random_coords(20, 3, seed=3)
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(len(coords), 2, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    with ps.backend(backend):
+        for stride in (1, 2):
+            k = 3 if stride == 1 else 2
+            key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (k,) * 3, (stride,) * 3, (1, 1, 1)))
+            out_coords = coords if stride == 1 else ops.downsample(coords, [stride] * 3)
+            pairs = ops.kmap_build(coords, None if stride == 1 else out_coords, key)
+            weight = torch.randn(k ** 3, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+            conv = lambda f, w, b: ops.conv(f, w, b, out_coords, *pairs, key)  # noqa: E731
+            assert torch.autograd.gradgradcheck(conv, (feats, weight, bias))
+            grad = torch.randn(len(out_coords), 3, generator=g, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(
+                lambda gr, w: ops.conv_input_grad(gr, w, out_coords, *pairs, key, len(coords)), (grad, weight))
+            assert torch.autograd.gradcheck(lambda f, gr: ops.conv_weight_grad(f, gr, out_coords, *pairs, key),
+                                            (feats, grad))
+        add = torch.randn(len(coords), 3, generator=g, dtype=torch.float64, requires_grad=True)
+        key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+        pairs = ops.kmap_build(coords, None, key)
+        inference = lambda f, w, b, a: ops.conv_inference(f, w, b, coords, *pairs, key, a, True)  # noqa: E731
+        weight = torch.randn(27, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(inference, (feats, weight, bias, add))
 
 
 def test_opcheck_conv():
@@ -224,6 +259,35 @@ def test_compile_fullgraph_two_sizes_no_recompile():
     _training_step_matches_eager(eager, copy.deepcopy(eager), clouds)
     # the graph kept its maps in a cache of its own: the inputs' caches hold only eager's
     assert all(x.cache.kmaps and all(isinstance(k, kmap.KernelMapKey) for k in x.cache.kmaps) for x in clouds)
+
+
+def test_a_gradient_penalty_through_a_compiled_model_equals_eager():
+    """A gradient penalty (the input gradient taken with create_graph=True,
+    its square then differentiated) through a compiled U-Net (fullgraph,
+    dynamic, backend "eager": the graph's conv operators run with autograd;
+    AOT autograd's backends refuse create_graph themselves): every
+    parameter's gradient and the feats' within 1e-10 of eager's (the conv
+    operators' gradient operators had no autograd formula: the second
+    backward raised). Its middle conv has a kernel region, its stem a
+    pruning mask (the parameter is weight_orig)."""
+    torch.manual_seed(0)
+    eager = _UNet().double()
+    eager.mid = spnn.Conv3d(16, 16, 3, bias=True, kernel_region="cross").double()
+    twin = copy.deepcopy(eager)
+    for model in (eager, twin):
+        l1_unstructured(model.stem[0], "weight", 0.5)
+    torch.compiler.reset()
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="eager")
+    x = _cloud(80, 1, dtype=torch.float64)
+    grads = []
+    for model in (compiled, eager):
+        feats = x.feats.clone().requires_grad_()
+        y = model(ps.SparseTensor(feats, x.coords))
+        (g,) = torch.autograd.grad(y.feats.pow(3).sum(), feats, create_graph=True)
+        g.square().sum().backward()
+        grads.append([feats.grad, *(p.grad for p in model.parameters())])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, rtol=0, atol=1e-10)
 
 
 def test_minkunet_compiles_in_one_graph():
