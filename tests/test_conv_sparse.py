@@ -1409,6 +1409,29 @@ def test_weight_mask_holds_in_a_gradient_penalty(backend):
     torch.testing.assert_close(grads[True].detach(), grads[False], rtol=1e-10, atol=1e-10)
 
 
+def test_weight_mask_holds_in_the_second_derivative_of_the_input_gradient():
+    """A penalty on the input gradient (create_graph=True) differentiated for
+    the weight: the masked entries get no gradient on the engine, as on the
+    torch path (its hook masks every gradient of the weight) and in a
+    compiled graph; the kept entries' equal the torch path's. The engine
+    masked only the weight gradient itself: the input gradient's own
+    derivative by the weight reached the pruned entries, which a step
+    would revive."""
+    x = make(n=60, c=3, extent=5)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(27, 3, 2, generator=g) < 0.5).double()
+    w0 = torch.randn(27, 3, 2, generator=g, dtype=torch.float64) * mask
+    grads = {}
+    for backend in ("auto", "torch"):
+        w, feats = w0.clone().requires_grad_(), x.feats.clone().requires_grad_()
+        with ps.backend(backend):
+            y = F.conv3d(x.with_feats(feats), w, 3, weight_mask=mask)
+            (g_feats,) = torch.autograd.grad(y.feats.pow(3).sum(), feats, create_graph=True)
+            (grads[backend],) = torch.autograd.grad(g_feats.square().sum(), w)
+    assert not grads["auto"][mask == 0].any()
+    torch.testing.assert_close(grads["auto"], grads["torch"], rtol=1e-10, atol=1e-8)
+
+
 def test_the_engine_sees_a_skipped_offset_filled_through_data():
     """The offsets and kernels a conv runs are chosen from its weight on
     every call: a weight changed in place through ``.data`` keeps its

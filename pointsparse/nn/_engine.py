@@ -412,7 +412,9 @@ class ConvFunction(torch.autograd.Function):
     Differentiable to any order: the input gradient and the weight gradient
     are themselves autograd functions (:class:`_InputGrad`, :class:`_WeightGrad`)
     whose gradients are the conv and each other, so a gradient penalty
-    (``create_graph=True``) is exact. Without ``create_graph`` backward makes
+    (``create_graph=True``) is exact; ``mask`` scales every gradient of the
+    weight, of any order (it reaches the weight through ``_InputGrad`` too).
+    Without ``create_graph`` backward makes
     one combined pass (and computes only the weight-gradient vectors ``mask``
     keeps).
 
@@ -440,7 +442,7 @@ class ConvFunction(torch.autograd.Function):
         grad_bias = grad.sum(0) if (ctx.has_bias and need_bias) else None
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
             region = ctx.region
-            grad_feats = _InputGrad.apply(grad, weight, ctx.plan, region) if need_feats else None
+            grad_feats = _InputGrad.apply(grad, weight, ctx.plan, region, ctx.mask) if need_feats else None
             grad_weight = (_WeightGrad.apply(feats, grad, ctx.plan, tuple(weight.shape), region) if need_weight
                            else None)
             if grad_weight is not None and ctx.mask is not None:  # as the one-pass gradient: dense * mask
@@ -453,27 +455,32 @@ class ConvFunction(torch.autograd.Function):
 
 class _InputGrad(torch.autograd.Function):
     """``grad_feats[in] += grad[out] @ weight[o].T``: linear in ``grad`` (its
-    adjoint is the conv) and in ``weight`` (the weight gradient's form)."""
+    adjoint is the conv) and in ``weight`` (the weight gradient's form).
+    ``mask``: the conv's pruning mask (or None), which scales every gradient
+    of ``weight`` here too, as the conv's own weight gradient (a penalty on
+    the input gradient reached the pruned entries)."""
 
     @staticmethod
-    def forward(grad, weight, plan, region):
+    def forward(grad, weight, plan, region, mask):
         grad_c, weight_c = grad.contiguous(), weight.contiguous()
         shape_only = grad_c.new_empty((plan.num_in, weight_c.shape[1]))
         return conv_backward(shape_only, weight_c, grad_c, plan, True, False, region)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad, weight, plan, region = inputs
-        ctx.plan, ctx.region = plan, region
+        grad, weight, plan, region, mask = inputs
+        ctx.plan, ctx.region, ctx.mask = plan, region, mask
         ctx.save_for_backward(grad, weight)  # (the inputs, as ConvFunction's)
 
     @staticmethod
     def backward(ctx, h):
         grad, weight = ctx.saved_tensors
         need_grad, need_weight = ctx.needs_input_grad[:2]
-        d_grad = ConvFunction.apply(h, weight, None, ctx.plan, ctx.region, None) if need_grad else None
+        d_grad = ConvFunction.apply(h, weight, None, ctx.plan, ctx.region, ctx.mask) if need_grad else None
         d_weight = _WeightGrad.apply(h, grad, ctx.plan, tuple(weight.shape), ctx.region) if need_weight else None
-        return d_grad, d_weight, None, None
+        if d_weight is not None and ctx.mask is not None:
+            d_weight = d_weight * ctx.mask
+        return d_grad, d_weight, None, None, None
 
 
 class _WeightGrad(torch.autograd.Function):
@@ -496,7 +503,7 @@ class _WeightGrad(torch.autograd.Function):
     def backward(ctx, v):
         feats, grad = ctx.saved_tensors
         need_feats, need_grad = ctx.needs_input_grad[:2]
-        d_feats = _InputGrad.apply(grad, v, ctx.plan, ctx.region) if need_feats else None
+        d_feats = _InputGrad.apply(grad, v, ctx.plan, ctx.region, None) if need_feats else None
         d_grad = ConvFunction.apply(feats, v, None, ctx.plan, ctx.region, None) if need_grad else None
         return d_feats, d_grad, None, None, None
 
