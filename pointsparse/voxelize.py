@@ -643,8 +643,8 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
 def _trilinear(tensor: SparseTensor, points: torch.Tensor, vs, batch):
     """:func:`trilinear_weights` of checked arguments (``vs``: 3 floats)."""
     if torch.compiler.is_compiling():
-        # (the core's weights, constants of the points as in eager mode: the operator has no backward, and points
-        # that require grad, made by a learnable step, failed the graph's build)
+        # (the core's weights, constants of the points: the operator has no backward, and points that require
+        # grad, made by a learnable step, failed the graph's build; eager mode gives them the torch twin's below)
         return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points.detach(), list(vs),
                                                        batch)
     if (torch.is_grad_enabled() and points.requires_grad) or forward_ad.unpack_dual(points).tangent is not None \
