@@ -512,6 +512,31 @@ def test_instance_norm_refuses_a_dtype_or_device_it_cannot_make():
     assert layer.weight.is_meta and layer.bias.dtype == torch.float64
 
 
+def test_linear_and_batch_norm_take_device_and_dtype_as_the_other_layers_do():
+    """Conv3d, VoxelPrune, VoxelSkip and InstanceNorm take ``device`` / ``dtype`` by name (so
+    ``torch.nn.utils.skip_init`` builds them), but Linear and BatchNorm passed them on through ``**kwargs``:
+    skip_init, which looks for a ``device`` parameter, refused both ("Module must support a 'device' arg"),
+    and an int64 dtype failed in nn.Parameter naming no argument. Now both name them (keyword-only, checked
+    as Conv3d's); their positional ``device`` and ``dtype`` (torch's order) still work."""
+    coords = random_coords(12, 4, seed=1)
+    x = ps.SparseTensor(torch.randn(len(coords), 4, dtype=torch.float64), coords)
+    for cls, args in ((spnn.Linear, (4, 5)), (spnn.BatchNorm, (4,))):
+        skipped = torch.nn.utils.skip_init(cls, *args)
+        assert all(p.device == torch.device("cpu") and p.dtype == torch.float32 for p in skipped.parameters())
+        layer = cls(*args, device=torch.device("cpu"), dtype=torch.float64)
+        assert all(p.dtype == torch.float64 for p in layer.parameters())
+        assert layer.train()(x).feats.dtype == torch.float64
+        assert all(p.is_meta for p in cls(*args, device="meta").parameters())
+        with pytest.raises(TypeError, match="dtype must be None or a floating torch.dtype"):
+            cls(*args, dtype=torch.int64)
+        with pytest.raises(ValueError, match="device must be None, a torch.device or a device string"):
+            cls(*args, device="nonsense")
+    assert spnn.Linear(4, 5, False, dtype=torch.float64).fn.bias is None
+    assert spnn.Linear(4, 5, True, "cpu", torch.float64).fn.weight.dtype == torch.float64
+    norm = spnn.BatchNorm(4, 1e-5, 0.1, True, True, "cpu", torch.float64)
+    assert norm.weight.dtype == norm.running_mean.dtype == torch.float64
+
+
 def test_instance_norm_refuses_parameters_of_another_float_dtype_as_the_module_does():
     """functional.instance_norm cast a float64 (or float32) weight and bias to the feats' dtype without a
     word, where nn.InstanceNorm refuses parameters of another dtype than its feats (a TypeError naming

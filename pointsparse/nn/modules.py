@@ -684,10 +684,15 @@ class BatchNorm(nn.BatchNorm1d):
     statistics) a tensor of one site is a :class:`BatchStatisticsError`
     naming its stride (torch refuses it, saying only that it expected more
     than 1 value per channel). A state_dict of MinkowskiEngine's
-    ``MinkowskiBatchNorm`` (its tensors under ``bn.``) loads as it is."""
+    ``MinkowskiBatchNorm`` (its tensors under ``bn.``) loads as it is.
+    ``device`` and ``dtype`` by name are checked as :class:`Conv3d`'s (and
+    named in the signature, which ``torch.nn.utils.skip_init`` looks for);
+    torch's positional ones pass as they are."""
 
-    def __init__(self, num_features: int, *args, **kwargs) -> None:
-        super().__init__(positive_int(num_features, "num_features"), *args, **kwargs)
+    def __init__(self, num_features: int, *args, device=None, dtype=None, **kwargs) -> None:
+        # (only those given: a positional device or dtype in args, torch's order, is not given twice)
+        factory = {k: v for k, v in _factory_kwargs(device, dtype).items() if v is not None}
+        super().__init__(positive_int(num_features, "num_features"), *args, **factory, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         _take_wrapped(state_dict, prefix, "bn.", "", ("weight", "bias", "running_mean", "running_var",
@@ -774,15 +779,21 @@ Dropout = _pointwise(nn.Dropout, "Dropout on the feats.")
 class Linear(_Pointwise):
     """A per-site linear layer on the feats (a 1x1x1 convolution); its torch
     Linear is ``fn``. A state_dict of MinkowskiEngine's ``MinkowskiLinear``
-    (its tensors under ``linear.``) loads as it is."""
+    (its tensors under ``linear.``) loads as it is. ``device`` and ``dtype``
+    by name: where and in which float dtype ``fn``'s weight and bias are
+    made, checked as :class:`Conv3d`'s (named in the signature, which
+    ``torch.nn.utils.skip_init`` looks for); torch's positional ones pass as
+    they are."""
 
     module_class = nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
+    def __init__(self, in_features: int, out_features: int, *args, device=None, dtype=None, **kwargs) -> None:
         in_features = positive_int(in_features, "in_features")
         out_features = positive_int(out_features, "out_features")
         if in_features * out_features > MAX_WEIGHT_ELEMENTS:
             raise ValueError(f"a Linear weight of in_features {in_features} x out_features {out_features} = "
                              f"{in_features * out_features:,} values is over the limit of "
                              f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
-        super().__init__(in_features, out_features, *args, **kwargs)
+        # (only those given: a positional device or dtype in args, torch's order, is not given twice)
+        factory = {k: v for k, v in _factory_kwargs(device, dtype).items() if v is not None}
+        super().__init__(in_features, out_features, *args, **factory, **kwargs)
