@@ -279,6 +279,88 @@ def test_engine_cost_checks_its_pair_counts():
         F.engine_cost(weight, torch.full((27,), 10), kernel_size=2, kernel_region="cross")
 
 
+def _engine_cost_cases():
+    """``(name, weight, grad mode, context, kernel_region)``: a conv3d weight in
+    each dtype, device and mode that decides its path (a gradient wanted
+    or not, autocast, the backend policy, a kernel region)."""
+    import pointsparse as ps
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(27, 4, 6, generator=g)  # (6 columns: bf16 "vector" where float32 runs "dense")
+    none = contextlib.nullcontext
+    return [
+        ("float16 inference", w.half(), False, none, None),
+        ("float16 weight wanting a gradient", w.half().requires_grad_(), True, none, None),
+        ("float16 weight wanting none, grad mode on", w.half(), True, none, None),
+        ("bfloat16 inference", w.bfloat16(), False, none, None),
+        ("bfloat16 weight wanting a gradient", w.bfloat16().requires_grad_(), True, none, None),
+        ("bfloat16 weight wanting a gradient, no_grad", w.bfloat16().requires_grad_(), False, none, None),
+        ("bfloat16 with a region", w.bfloat16(), False, none, "cross"),
+        ("float32", w, False, none, None),
+        ("float32 wanting a gradient", w.clone().requires_grad_(), True, none, None),
+        ("float64", w.double(), False, none, None),
+        ("float32 under bf16 autocast", w, False, lambda: torch.autocast("cpu", torch.bfloat16), None),
+        ("float32 under fp16 autocast", w, False, lambda: torch.autocast("cpu", torch.float16), None),
+        ("float32, backend torch", w, False, lambda: ps.backend("torch"), None),
+        ("bfloat16, backend torch", w.bfloat16(), False, lambda: ps.backend("torch"), None),
+        ("float16 under fp16 autocast", w.half(), False, lambda: torch.autocast("cpu", torch.float16), None),
+    ]
+
+
+@pytest.mark.parametrize("case", _engine_cost_cases(), ids=lambda case: case[0])
+def test_engine_cost_costs_the_path_conv3d_runs(case):
+    """engine_cost's execution is that of the path F._conv_path says a
+    conv3d call with the weight takes now (an input wanting no gradient):
+    "torch" and every pair of every offset times the whole matrix on the
+    pure-torch path, the bf16 kernels' choice on "bf16", the float32
+    kernels' on "bf16 on float32" and "engine". It costed a float16 weight
+    (the torch path in inference), a weight under backend("torch"), and a
+    bf16 weight wanting a gradient (the float32 kernels) as the engine's
+    kernels in inference run them."""
+    from pointsparse.nn import _engine
+    from pointsparse.nn import functional as F
+
+    _, weight, grad, context, region = case
+    pairs = torch.arange(27) + 10
+    with torch.set_grad_enabled(grad), context():
+        path = F._conv_path(torch.zeros(3, 4, dtype=weight.dtype), weight, None, 3, region)
+        cost = F.engine_cost(weight, pairs, 3, region)
+    low = weight.detach().to(torch.bfloat16)
+    if path == "torch":
+        assert cost == (2 * int(pairs.sum()) * 4 * 6, "torch")
+    elif path == "bf16":
+        assert cost == _engine.bf16_cost(low, pairs) and cost[1] == "vector"
+    else:  # the float32 / float64 kernels (on a 16-bit weight's values widened)
+        wide = weight.detach().double() if weight.dtype == torch.float64 else weight.detach().float()
+        if path == "bf16 on float32" and weight.dtype == torch.float32:  # (autocast: its precision, widened)
+            wide = weight.detach().to(torch.get_autocast_dtype("cpu")).float()
+        run = _engine.choose_execution(wide, F.region_of(3, region))
+        assert cost == (_engine.executed_flops(wide, pairs, F.region_of(3, region), run), run.name)
+        assert cost[1] == ("offsets" if region is not None else "dense")
+
+
+def test_engine_cost_of_a_weight_without_values_or_off_the_cpu():
+    """A meta weight: conv3d refuses it (its feats too), engine_cost now with
+    the same ValueError naming weight (was torch's RuntimeError from autocast
+    or from copying out of a meta tensor). A CUDA weight runs the pure-torch
+    path, whose product over every output site's K columns counts the
+    output sites: engine_cost needs num_out there."""
+    from pointsparse.nn import functional as F
+
+    pairs = torch.arange(27) + 10
+    with pytest.raises(ValueError, match="weight is a meta tensor"):
+        F.engine_cost(torch.empty(27, 4, 6, device="meta"), pairs)
+    with pytest.raises(TypeError, match="num_out must be"):
+        F.engine_cost(torch.randn(27, 4, 6), pairs, num_out=2.5)
+    assert F.engine_cost(torch.randn(27, 4, 6).half(), pairs, num_out=12) == (2 * int(pairs.sum()) * 24, "torch")
+    if not torch.cuda.is_available():
+        return
+    weight = torch.randn(27, 4, 6, device="cuda")
+    with pytest.raises(ValueError, match="num_out"):
+        F.engine_cost(weight, pairs)
+    assert F.engine_cost(weight, pairs, num_out=12) == (2 * 12 * 27 * 4 * 6, "torch")
+
+
 def test_kernel_region_offsets_outside_count_in_no_flops():
     """Offsets outside a conv's kernel_region are no weights of the layer:
     values loaded there (initialisation zeroes them) count in neither flops

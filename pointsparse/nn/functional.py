@@ -15,8 +15,8 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
-from ..coords import check_strided
-from ..tensor import SparseTensor, as_bool, as_float, as_triple
+from ..coords import check_has_data, check_strided
+from ..tensor import SparseTensor, as_bool, as_float, as_triple, nonnegative_int
 
 __all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "instance_norm",
            "select_voxels", "keep_per_batch", "region_of", "engine_cost"]
@@ -82,24 +82,38 @@ def _region(k, region) -> torch.Tensor | None:
     return keep
 
 
-def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, kernel_region=None) -> tuple[int, str]:
-    """``(executed FLOPs, execution)`` of a conv with ``weight`` ``(K, C_in,
-    C_out)`` on the fused engine over a map with these per-offset pair
-    counts: what the engine picks (``"dense"``, ``"offsets"`` when all-zero
-    offsets and offsets outside ``kernel_region`` are skipped, ``"vector"``
-    when only the nonzero vectors run; ``"tiles"``: the bf16 AMX form) and
-    the multiply-adds (x2) it runs.
-    A bfloat16 weight on a CPU with AVX512-BF16 is costed as the bf16
-    kernels run it in inference (:func:`pointsparse.nn._engine.bf16_cost`),
-    elsewhere and with a ``kernel_region`` (which :func:`conv3d` runs in
-    the float32 kernels, "bf16 on float32": :func:`_eager_path`) as the
-    float32 kernels run its widened values; under ``torch.autocast`` a
-    float32 weight the core serves in autocast's precision, as
-    :func:`conv3d` runs it. (This is the inference cost: a bf16 conv that
-    wants a gradient runs the float32 kernels.)"""
+def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, kernel_region=None,
+                num_out: int | None = None) -> tuple[int, str]:
+    """``(executed FLOPs, execution)`` of the forward of a :func:`conv3d`
+    call with ``weight`` ``(K, C_in, C_out)`` over a map with these
+    per-offset pair counts, on the path that call takes now
+    (:func:`_conv_path`: the weight's dtype and device, grad mode and
+    ``weight.requires_grad``, ``torch.autocast`` and the backend policy in
+    force, an input that wants no gradient). On the fused engine its
+    choice (``"dense"``, ``"offsets"`` when all-zero offsets and offsets
+    outside ``kernel_region`` are skipped, ``"vector"`` when only the
+    nonzero vectors run; ``"tiles"``: the bf16 AMX form) and the
+    multiply-adds (x2) it runs: a bfloat16 weight in inference on a CPU
+    with AVX512-BF16 as the bf16 kernels run it
+    (:func:`pointsparse.nn._engine.bf16_cost`); with a ``kernel_region``,
+    elsewhere, wanting a gradient, or a float16 weight wanting one (the
+    float32 kernels on the values widened, "bf16 on float32":
+    :func:`_eager_path`) as the float32 kernels run them; under
+    ``torch.autocast`` a float32 weight the core serves in autocast's
+    precision. Where conv3d runs the pure-torch path instead (a float16
+    weight in inference, ``backend("torch")``, a device other than the
+    CPU), ``"torch"`` and what its sum runs
+    (:func:`pointsparse.nn.reference.torch_flops`: every pair of every
+    offset times the whole matrix; off the CPU, where its columns fit, one
+    product over ``K`` columns per output site, which counts ``num_out``,
+    the output sites: a ValueError without it there). (For the inference
+    cost of a weight that wants a gradient, call it under
+    ``torch.no_grad()`` or on ``weight.detach()``. A meta weight is a
+    ValueError, as conv3d's.)"""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise TypeError(f"weight must be a (K, C_in, C_out) tensor; got "
                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_has_data(weight, "weight")
     region = region_of(kernel_size, kernel_region)
     volume = math.prod(as_triple(kernel_size, "kernel_size"))
     if volume != weight.shape[0]:
@@ -111,11 +125,18 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
         raise TypeError(f"pair_counts must hold integer counts; got dtype {pair_counts.dtype}")
     if len(pair_counts) and int(pair_counts.min()) < 0:
         raise ValueError(f"pair_counts must be >= 0; got {int(pair_counts.min())}")
-    low = _reference._autocast_dtype(weight)
-    if low is not None and _ext.serves(weight, dtypes=_engine.ENGINE_DTYPES):
-        weight = weight.to(low)  # (under torch.autocast conv3d runs the weight rounded to its precision)
-    weight = weight.detach().cpu()
-    if weight.dtype == torch.bfloat16 and region is None and _engine.bf16_kernels():
+    if num_out is not None:
+        num_out = nonnegative_int(num_out, "num_out")
+    feats = weight.detach().new_empty((0, weight.shape[1]))  # (the call's input: the weight's dtype and device)
+    path = _conv_path(feats, weight, None, kernel_size, kernel_region)
+    if path == "torch":
+        if num_out is None and weight.device.type != "cpu":
+            raise ValueError(f"num_out must be given for a weight on {weight.device}: conv3d runs it on the "
+                             "pure-torch path, whose product over every output site's K columns counts them")
+        return _reference.torch_flops(feats, weight, pair_counts, num_out or 0), "torch"
+    low = _autocast_precision(feats, weight)
+    weight = weight.detach() if low is None else weight.detach().to(low)  # (conv3d's weight rounded to it)
+    if path == "bf16":
         return _engine.bf16_cost(weight, pair_counts)  # the AVX512-BF16 kernels' own vectors
     if weight.dtype not in _engine.ENGINE_DTYPES:
         weight = weight.float()

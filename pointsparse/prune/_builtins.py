@@ -101,12 +101,15 @@ def _sparse_flops(m, weight, inputs, output, pair_counts):
     (``backend("torch")``, a float16 conv in inference, another device) what
     its sum runs (``execution`` "torch": every pair of every offset, an
     all-zero one or one outside the region too; see
-    :func:`pointsparse.nn.reference.torch_flops`); without the call's input
-    (``pairs`` alone) the engine's. Offsets outside a ``kernel_region`` are
-    no weights of the layer (the conv never runs them on the engine): they
-    count in neither implied nor dense FLOPs, whatever values they hold."""
-    from ..nn import reference  # noqa: PLC0415 - nn sits above this package
-    from ..nn.functional import _conv_path, engine_cost, region_of  # noqa: PLC0415
+    :func:`pointsparse.nn.reference.torch_flops`), both as
+    :func:`pointsparse.nn.functional.engine_cost` says for the call (the
+    report's forward runs without gradients); without the call's input
+    (``pairs`` alone) what an inference call on the CPU runs (the output
+    sites that a product off the CPU counts are unknown). Offsets outside a
+    ``kernel_region`` are no weights of the layer (the conv never runs them
+    on the engine): they count in neither implied nor dense FLOPs, whatever
+    values they hold."""
+    from ..nn.functional import engine_cost, region_of  # noqa: PLC0415 - nn sits above this package
 
     region = getattr(m, "kernel_region", None)
     keep = region_of(m.kernel_size, region)
@@ -114,11 +117,9 @@ def _sparse_flops(m, weight, inputs, output, pair_counts):
     per_offset = (weight.detach() != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
     flops, dense = 2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * weight[0].numel()
     if inputs is not None and output is not None:
-        feats = reference.autocast_input(inputs[0].feats, weight.dtype)
-        bias = getattr(m, "bias", None)
-        if _conv_path(feats, weight, bias, m.kernel_size, region) == "torch":
-            return flops, dense, reference.torch_flops(feats, weight, pair_counts, len(output.feats)), "torch"
-    executed, execution = engine_cost(weight, pair_counts, m.kernel_size, region)
+        executed, execution = engine_cost(weight, pair_counts, m.kernel_size, region, num_out=len(output.feats))
+    else:
+        executed, execution = engine_cost(weight.detach().cpu(), pair_counts, m.kernel_size, region)
     return flops, dense, executed, execution
 
 

@@ -51,8 +51,9 @@ labels in call order joined by "+" (``"offsets+torch"``). Without an
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
 map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
 whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
-(and gives FLOPs without running the model: then executed as the engine
-would run them, no call telling the path). The given counts are one call's
+(and gives FLOPs without running the model: then executed as a conv3d
+call in inference on the CPU would run them, the engine's kernels or,
+for a float16 weight or under ``backend("torch")``, the torch path's sum). The given counts are one call's
 (one kernel map's): with an example input they replace the counts of every
 call of the layer, so a conv run twice in the forward counts them twice, as
 it counts its own maps; without one, the layer's FLOPs are one call's. To
