@@ -1209,6 +1209,54 @@ def test_a_new_run_removes_the_eval_report_of_the_previous_run(tmp_path, capsys)
     assert said and set(written) <= set(said.group(1).split(", "))
 
 
+def test_resume_in_its_folder_removes_the_eval_report_of_a_checkpoint_it_replaces(tmp_path, monkeypatch, capsys):
+    """``eval --out RUN`` of RUN/checkpoint.pt, then ``train --resume`` in
+    RUN: eval-metrics.json and its PNGs, the scores of the epoch the
+    checkpoint held, stayed beside the checkpoint.pt of a later epoch and
+    read as its scores. The report goes when the checkpoint it scored is
+    written over (checkpoint.pt at the first checkpoint of the resumed run,
+    best.pt at its next best epoch), saying so; a report of a best.pt that
+    the resumed epochs do not beat still describes that file and stays, as
+    do files of the folder that are no report this project wrote."""
+    from pointsparse.app import scoring
+
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    (run / "eval-notes.txt").write_text("mine")  # (behind the prefix but no report file: never removed)
+
+    def evaluated(name):
+        assert cli.main(["eval", "--checkpoint", str(run / name), "--out", str(run), "--no-progress"]) == 0
+        assert (run / "eval-metrics.json").is_file()
+        return sorted(p.name for p in run.glob("eval-*") if p.name != "eval-notes.txt")
+
+    def resume(epochs):
+        capsys.readouterr()
+        tr.main(_parse(["--resume", "--epochs", str(epochs), "--out", str(run), "--no-progress"]))
+        return capsys.readouterr().out
+
+    written = evaluated("checkpoint.pt")
+    said = resume(2)
+    assert not (run / "eval-metrics.json").exists() and (run / "eval-notes.txt").read_text() == "mine"
+    removed = re.search(r"eval's report of (\S+) \((.*?)\) removed", said)
+    assert removed and removed.group(1) == str(run / "checkpoint.pt"), said
+    assert sorted(removed.group(2).split(", ")) == written
+    # A best.pt the resumed epochs do not beat (its run's best mIoU recorded as 1): its report stays.
+    evaluated("best.pt")
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    tr.save_checkpoint(run / "checkpoint.pt", {**state, "best_miou": 1.0})
+    tr.save_checkpoint(run / "best.pt", {**tr.load_checkpoint(run / "best.pt"), "best_miou": 1.0})
+    resume(3)
+    assert json.loads((run / "eval-metrics.json").read_text())["checkpoint"] == str(run / "best.pt")
+    assert tr.load_checkpoint(run / "best.pt")["epoch"] < 3
+    # One the resumed epochs beat: best.pt holds a later epoch, its report goes.
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    tr.save_checkpoint(run / "checkpoint.pt", {**state, "best_miou": 0.0})
+    monkeypatch.setattr(tr.metrics, "mean_iou", lambda cm: 0.5)
+    said = resume(4)
+    assert tr.load_checkpoint(run / "best.pt")["epoch"] == 4 and not list(run.glob(scoring.EVAL_PREFIX + "*.json"))
+    assert f"eval's report of {run / 'best.pt'}" in said, said
+
+
 def test_eval_removes_the_files_of_an_earlier_eval_it_does_not_write(tmp_path, monkeypatch, capsys):
     """An eval into a folder that an earlier eval wrote its pictures in, this
     time writing none (matplotlib not importable): eval-confusion.png and

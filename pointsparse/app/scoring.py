@@ -207,6 +207,18 @@ REPORT_FILES = {"metrics.json": "report", "curves.png": "loss and mIoU curves", 
 EVAL_PREFIX = "eval-"
 
 
+def scored_checkpoint(out) -> Path | None:
+    """The checkpoint whose scores the report ``eval --out`` wrote in the
+    folder ``out`` holds (its ``checkpoint``, resolved), or None: no such
+    report, one that cannot be read, or one of a program."""
+    try:
+        report = json.loads((Path(out) / (EVAL_PREFIX + "metrics.json")).read_text())
+    except (OSError, ValueError):
+        return None
+    scored = report.get("checkpoint") if isinstance(report, dict) else None
+    return Path(scored).resolve() if isinstance(scored, str) else None
+
+
 def remove_files(out, names) -> list[str]:
     """Remove the files ``names`` in the folder ``out`` (an earlier report's,
     another run's: left beside the new ones, they were taken for theirs);

@@ -39,8 +39,8 @@ from .cli import CommandParser, given_flags
 from .clouds import nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
-from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files, shard,
-                      write_report)
+from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files,
+                      scored_checkpoint, shard, write_report)
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
 __all__ = ["TrainingDiverged", "add_arguments", "add_data_arguments", "check_args", "main", "train"]
@@ -1406,13 +1406,32 @@ class TrainingJob:
                  "args": saved_args(self.args)}
         if self.replaces_previous:
             self._replace_previous()
+        self._remove_eval_of(CHECKPOINT)
         save_checkpoint(self.out / CHECKPOINT, state)
         if cm is not None and miou > self.best:
             self.best = miou
+            self._remove_eval_of(BEST)
             save_checkpoint(self.out / BEST, state)
         elif self.carried_best is not None:  # (the run's best epoch, before the resume: its folder's best.pt)
+            self._remove_eval_of(BEST)
             save_checkpoint(self.out / BEST, self.carried_best)
         self.carried_best = None
+
+    def _remove_eval_of(self, name: str) -> None:
+        """Remove the report ``eval --out`` wrote in --out (``eval-`` and
+        :data:`REPORT_FILES`' names, no other file) where it scored the run's
+        ``name`` (checkpoint.pt, best.pt), which is written over or removed
+        now: a run resumed in its folder keeps the folder's files, and the
+        report of the epoch the file held stood beside the file's next
+        epoch, read as its scores. A report of another file (a best.pt the
+        resumed epochs do not beat, another folder's checkpoint, a program)
+        still describes it and stays."""
+        if scored_checkpoint(self.out) != (self.out / name).resolve():
+            return
+        removed = remove_files(self.out, [EVAL_PREFIX + report for report in REPORT_FILES])
+        if removed:
+            self.log(f"eval's report of {self.out / name} ({', '.join(removed)}) removed: it scored the epoch "
+                     f"{name} held, which this run replaces")
 
     def _replace_previous(self) -> None:
         """At the run's first checkpoint, where --out held another run (a new
@@ -1425,6 +1444,7 @@ class TrainingJob:
         (:meth:`_find_best`). The names: ``replaces_previous``."""
         names, self.replaces_previous = self.replaces_previous, ()
         if names == (BEST,):
+            self._remove_eval_of(BEST)
             if remove_files(self.out, names):
                 self.log(f"{self.out / BEST} removed: it holds no epoch of the run resumed from {self.resume_path}")
             return
