@@ -642,6 +642,7 @@ def test_predict_and_eval_run_a_checkpoint_with_a_stride_1_voxel_prune(tmp_path)
                      "--no-progress"]) == 0
     report = json.loads((tmp_path / "evp" / "eval-metrics.json").read_text())
     assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)
+    assert "epoch" in report and report["epoch"] is None  # (a program: no checkpoint epoch)
     assert cli.main(["predict", "--program", str(program), "--data", str(paths[0]), "--out", str(tmp_path / "pp"),
                      "--no-progress"]) == 0
     assert np.array_equal(np.load(tmp_path / "pp" / f"{paths[0].stem}.npy"), want)

@@ -120,6 +120,36 @@ def test_metrics_json_names_its_files_by_absolute_paths(tmp_path, monkeypatch, c
     capsys.readouterr()
 
 
+def test_eval_report_records_the_epoch_of_the_checkpoint_it_scored(tmp_path, monkeypatch, capsys):
+    """eval-metrics.json named the checkpoint it scored but not which of
+    its run's epochs that file held (checkpoint.pt and best.pt of one run,
+    or one file written over by a resumed run, read alike). It records the
+    checkpoint's ``epoch`` now (the epochs its run had trained, as the
+    run's metrics.json's ``epochs``); None for a checkpoint without that
+    record."""
+    run = tmp_path / "run"
+    scores = iter([0.5])  # (epoch 1 the best, epoch 2 worse: best.pt holds epoch 1, checkpoint.pt epoch 2)
+    monkeypatch.setattr(tr.metrics, "mean_iou", lambda cm: next(scores, 0.1))
+    tr.main(_parse([*TINY, "--epochs", "2", "--out", str(run)]))
+    monkeypatch.undo()
+
+    def scored(name):
+        out = tmp_path / f"ev-{name}"
+        assert cli.main(["eval", "--checkpoint", str(run / name), "--out", str(out), "--no-progress"]) == 0
+        return json.loads((out / "eval-metrics.json").read_text())
+
+    assert tr.load_checkpoint(run / "best.pt")["epoch"] == 1 and tr.load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
+    assert scored("best.pt")["epoch"] == 1
+    report = scored("checkpoint.pt")
+    assert report["epoch"] == 2 and report["checkpoint"] == str(run / "checkpoint.pt")
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    del state["epoch"]
+    tr.save_checkpoint(run / "bare.pt", state)
+    report = scored("bare.pt")
+    assert "epoch" in report and report["epoch"] is None
+    capsys.readouterr()
+
+
 def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
     """Validation clouds whose labels no class holds (a raw label past the
     training clouds' classes) failed at the first validation, after an

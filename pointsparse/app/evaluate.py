@@ -49,6 +49,17 @@ def checkpoint_model(state: dict, path) -> torch.nn.Module:
         raise ValueError(f"checkpoint {path}: {error}") from error
 
 
+def checkpoint_epoch(state: dict) -> int | None:
+    """The epochs the run of a checkpoint's ``state`` had trained (its
+    ``epoch``; the run's metrics.json's ``epochs``), which ``eval --out``
+    records beside the file it scored (``checkpoint.pt`` and ``best.pt``
+    of one run, or one file a resumed run wrote over, read alike without
+    it); None for a program, a checkpoint without that record or one whose
+    record is no count (a hand-edited file: the report is still written)."""
+    epoch = state.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
+
+
 def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch.nn.Module:
     """``model`` as ``pointsparse eval --inference`` runs it: itself
     (``"float32"``); ``nn.fuse_for_inference``'s copy, pruning masks made
@@ -176,6 +187,7 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
         report = write_report(Path(args.out), cm, classes, first, None,
                               {**({"program": os.path.abspath(program)} if program is not None else
                                   {"checkpoint": os.path.abspath(args.checkpoint)}),
+                               "epoch": checkpoint_epoch(state),
                                "data": spec, "inference": state.get("inference", args.inference),
                                "eval_time_s": elapsed,
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, EVAL_PREFIX)
