@@ -1097,3 +1097,32 @@ def test_a_learned_score_is_made_on_the_device_and_in_the_dtype_given():
             ps.nn.VoxelPrune(0.5, score, 4, dtype=torch.int64)
         with pytest.raises(ValueError, match="device must be None, a torch.device or a device string"):
             ps.nn.VoxelSkip(conv, 0.5, score, 4, device="nonsense")
+
+
+def test_voxel_skip_on_meta_refuses_a_wrapped_module_with_values():
+    """``torch.nn.utils.skip_init(VoxelSkip, conv, ...)`` builds the layer
+    with ``device="meta"`` and calls ``to_empty``, which replaced the
+    weights of ``conv``, the caller's module built before, with
+    uninitialised memory, saying nothing. ``device="meta"`` around a module
+    that holds real tensors is a ValueError naming one now; around a meta
+    module (``device="meta"`` given to both) and under ``with
+    torch.device("meta")`` (a whole model built there) it builds as
+    before, and skip_init of a VoxelSkip of a module without tensors
+    keeps working."""
+    torch.manual_seed(0)
+    conv = ps.nn.Conv3d(4, 4, 3)
+    before = conv.weight.detach().clone()
+    for build in (lambda: torch.nn.utils.skip_init(ps.nn.VoxelSkip, conv, 0.5, "learned", 4),
+                  lambda: ps.nn.VoxelSkip(conv, 0.5, device="meta"),
+                  lambda: ps.nn.VoxelSkip(torch.nn.Sequential(conv), 0.5, device=torch.device("meta"))):
+        with pytest.raises(ValueError, match=r"device='meta'.*module holds .*weight.* on cpu"):
+            build()
+    assert torch.equal(conv.weight, before)
+    skip = ps.nn.VoxelSkip(ps.nn.Conv3d(4, 4, 3, device="meta"), 0.5, "learned", 4, device="meta")
+    assert skip.module.weight.is_meta and skip.prune.scorer.weight.is_meta
+    with torch.device("meta"):
+        skip = ps.nn.VoxelSkip(ps.nn.Conv3d(4, 4, 3), 0.5, "learned", 4)
+    assert skip.module.weight.is_meta and skip.prune.scorer.weight.is_meta
+    skipped = torch.nn.utils.skip_init(ps.nn.VoxelSkip, torch.nn.Identity(), 0.5, "learned", 4)
+    assert skipped.prune.scorer.weight.device == torch.device("cpu")
+

@@ -496,7 +496,16 @@ class VoxelSkip(nn.Module):
     wrapped). A key given in both forms loads the wrapped one and the other
     is unexpected. A learned score's scorer, which the unwrapped module
     never had, is missing as any absent tensor is: strict loading refuses
-    it, ``strict=False`` lists it and leaves it as initialised."""
+    it, ``strict=False`` lists it and leaves it as initialised.
+
+    ``module`` is the caller's, built before this layer: ``device="meta"``
+    (which ``torch.nn.utils.skip_init`` passes) is a ValueError where it
+    holds a tensor that is not on meta, which skip_init's ``to_empty``
+    would replace with uninitialised memory. A model built whole under
+    ``with torch.device("meta")`` (``module`` on meta too) builds as any
+    other; ``to_empty`` of a VoxelSkip built around a module with values
+    in that context (no ``device`` given) clears them as it clears any
+    module's."""
 
     def __init__(self, module: nn.Module, keep_ratio: float = 0.5, score: str = "magnitude",
                  in_channels: int | None = None, threshold: float | None = None, *, device=None,
@@ -514,6 +523,16 @@ class VoxelSkip(nn.Module):
                              "which would leave the branch fewer sites than the VoxelSkip keeps: wrap modules in "
                              "VoxelSkip before adding VoxelPrune (models.add_voxel_skip, then add_voxel_prune)")
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold, device=device, dtype=dtype)
+        if device is not None and _factory_kwargs(device, None)["device"].type == "meta":
+            # (skip_init passes device="meta", then to_empty gives every tensor of the layer fresh memory: the
+            # caller's module, built before with its values, came back holding garbage, unsaid)
+            held = next(((name, t) for name, t in (*module.named_parameters(), *module.named_buffers())
+                         if t.device.type != "meta"), None)
+            if held is not None:
+                raise ValueError(f"VoxelSkip: device='meta' builds the layer without values, but module holds "
+                                 f"{held[0]} on {held[1].device}: torch.nn.utils.skip_init (to_empty) would replace "
+                                 "it with uninitialised memory; build module on the meta device too, or give "
+                                 "VoxelSkip the device its module is on")
         self.module = module
 
     # keep_ratio, threshold and score are the VoxelPrune's, read and set (and checked) through this layer: set
