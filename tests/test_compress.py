@@ -587,6 +587,27 @@ def test_compress_zeroes_what_a_kernel_region_leaves_out():
             torch.testing.assert_close(sparse(x).feats, conv(x).feats, atol=1e-5, rtol=1e-5)
 
 
+def test_the_kernel_region_mask_goes_to_the_weights_device(monkeypatch):
+    """``nn.functional.region_of`` gives its mask on the CPU (05d51bd);
+    compress's masked weight (``formats._effective_conv_weight``) took it
+    as it came, a (K, 1, 1) CPU tensor times the weight: a weight on
+    another device failed in torch's "expected device" check. The mask
+    goes to the weight's device now. (compress itself runs on the CPU and
+    refuses a meta weight first: the weight is handed past that check, a
+    meta one standing for a device this machine lacks.)"""
+    from pointsparse import formats
+
+    conv = psnn.Conv3d(4, 3, 3, kernel_region="cross")
+    weight = torch.empty(27, 4, 3, device="meta")
+    monkeypatch.setattr(formats, "module_weight", lambda module, name: weight)
+    masked = formats._effective_conv_weight(conv)
+    assert masked.is_meta and masked.shape == (27, 4, 3)
+    monkeypatch.undo()
+    masked = formats._effective_conv_weight(conv)  # (on the CPU: the weight zeroed outside the cross)
+    keep = psnn.functional.region_of(3, "cross")
+    assert torch.equal(masked[keep], conv.weight.detach()[keep]) and not masked[~keep].any()
+
+
 def test_a_shared_layer_stays_shared():
     """A conv reached under two names (weight sharing) is compressed once:
     both names hold the same compressed module, as they held one conv."""

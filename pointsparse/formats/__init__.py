@@ -251,7 +251,8 @@ def _effective_conv_weight(module) -> torch.Tensor:
         return dense_weight(module.offsets)
     weight = module_weight(module, "weight")
     region = region_of(module.kernel_size, getattr(module, "kernel_region", None))
-    return weight if region is None else weight * region.to(weight.dtype).view(-1, 1, 1)
+    # (the mask on the weight's device: region_of gives it on the CPU)
+    return weight if region is None else weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
 
 
 def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:

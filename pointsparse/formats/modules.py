@@ -470,7 +470,8 @@ class SparseConv3d(nn.Module):
             raise type(error)(f"{what} {error}") from None
         if keep is None:
             return None
-        outside = (weight != 0).reshape(weight.shape[0], -1).any(1) & ~keep
+        # (the mask on the weight's device: region_of gives it on the CPU)
+        outside = (weight != 0).reshape(weight.shape[0], -1).any(1) & ~keep.to(weight.device)
         if outside.any():
             raise ValueError(f"{what} kernel_region {list(keep.nonzero().flatten().tolist())} leaves out offset "
                              f"{int(outside.nonzero()[0])}, which holds nonzero weights (the conv would ignore them; "
