@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from ..kmap import check_kernel
+from ..kmap import _device, check_kernel
 from ..tensor import FEATS_DTYPES, SparseTensor, as_bool, as_float, as_triple, positive_int
 from . import functional as F
 
@@ -120,23 +120,24 @@ def _take_wrapped(state_dict, prefix: str, theirs: str, ours: str, names: tuple[
 def _factory_kwargs(device, dtype) -> dict:
     """``device`` and ``dtype`` as a module's constructor takes them (torch's
     factory kwargs: ``torch.nn.Linear(..., device=, dtype=)``, used by
-    ``torch.nn.utils.skip_init`` and meta-device construction), checked:
-    ``dtype`` one of :data:`pointsparse.tensor.FEATS_DTYPES` (None: torch's
-    default), the dtypes the layers run (an int64 weight failed in
-    ``nn.Parameter`` saying only that it cannot require gradients);
-    ``device`` what ``torch.device`` reads (its error named as the
-    argument's)."""
+    ``torch.nn.utils.skip_init`` and meta-device construction), checked,
+    those given only (None: torch's default, so a positional one of
+    torch's own order is not given twice): ``dtype`` one of
+    :data:`pointsparse.tensor.FEATS_DTYPES`, the dtypes the layers run (an
+    int64 weight failed in ``nn.Parameter`` saying only that it cannot
+    require gradients); ``device`` read as the package reads devices
+    (``kmap._device``), its error naming the argument as a constructor's."""
     if dtype is not None and dtype not in FEATS_DTYPES:
         raise TypeError(f"dtype must be None or a floating torch.dtype the layers run (torch.float32, torch.float64, "
                         f"torch.bfloat16 or torch.float16); got {dtype!r:.100}")
+    given = {} if dtype is None else {"dtype": dtype}
     if device is not None:
         try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as error:  # (a string torch does not read: RuntimeError)
-            raise (TypeError if isinstance(error, TypeError) else ValueError)(
-                f"device must be None, a torch.device or a device string ('cpu', 'cuda:0', 'meta', ...); "
-                f"got {device!r:.100}: {error}") from None
-    return {"device": device, "dtype": dtype}
+            given["device"] = _device(device)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"device must be None, a torch.device or a device string ('cpu', 'cuda:0', 'meta', "
+                              f"...); got {device!r:.100}") from error
+    return given
 
 
 #: The most values a conv weight may hold (checked before it is allocated):
@@ -523,7 +524,7 @@ class VoxelSkip(nn.Module):
                              "which would leave the branch fewer sites than the VoxelSkip keeps: wrap modules in "
                              "VoxelSkip before adding VoxelPrune (models.add_voxel_skip, then add_voxel_prune)")
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold, device=device, dtype=dtype)
-        if device is not None and _factory_kwargs(device, None)["device"].type == "meta":
+        if device is not None and _device(device).type == "meta":  # (checked: VoxelPrune's above)
             # (skip_init passes device="meta", then to_empty gives every tensor of the layer fresh memory: the
             # caller's module, built before with its values, came back holding garbage, unsaid)
             held = next(((name, t) for name, t in (*module.named_parameters(), *module.named_buffers())
@@ -709,8 +710,7 @@ class BatchNorm(nn.BatchNorm1d):
     torch's positional ones pass as they are."""
 
     def __init__(self, num_features: int, *args, device=None, dtype=None, **kwargs) -> None:
-        # (only those given: a positional device or dtype in args, torch's order, is not given twice)
-        factory = {k: v for k, v in _factory_kwargs(device, dtype).items() if v is not None}
+        factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
         super().__init__(positive_int(num_features, "num_features"), *args, **factory, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -813,6 +813,5 @@ class Linear(_Pointwise):
             raise ValueError(f"a Linear weight of in_features {in_features} x out_features {out_features} = "
                              f"{in_features * out_features:,} values is over the limit of "
                              f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
-        # (only those given: a positional device or dtype in args, torch's order, is not given twice)
-        factory = {k: v for k, v in _factory_kwargs(device, dtype).items() if v is not None}
+        factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
         super().__init__(in_features, out_features, *args, **factory, **kwargs)
