@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 try:
     from . import _core
@@ -237,6 +238,18 @@ def values(tensor: torch.Tensor) -> torch.Tensor:
                             "loop over the samples instead")
         tensor = functorch.get_unwrapped(tensor)
     return tensor
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether grad mode is on and one of ``tensors`` (None aside) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def carries_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether one of ``tensors`` (None aside) carries a forward-mode tangent
+    (``torch.autograd.forward_ad``, ``torch.func.jvp``): the core's products
+    have no jvp rule, so such a tensor takes a differentiable path."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def in_transform() -> bool:

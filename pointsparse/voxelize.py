@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import torch
-from torch.autograd import forward_ad
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import _ext
@@ -550,10 +549,8 @@ def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, c
     index_add_, sums each voxel's gradients in a fixed order on the CPU,
     where the backward of advanced indexing uses float atomics)."""
     cols = idx.clamp_min(0)
-    if not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling() and \
-            not _ext.in_transform() and not torch._C._is_torch_function_mode_enabled() and \
-            forward_ad.unpack_dual(feats).tangent is None and forward_ad.unpack_dual(weight).tangent is None and \
-            _ext.serves(feats):
+    if not _ext.needs_grad(weight) and not _ext.carries_tangent(feats, weight) and not torch.compiler.is_compiling() \
+            and not _ext.in_transform() and not torch._C._is_torch_function_mode_enabled() and _ext.serves(feats):
         if torch.is_grad_enabled() and feats.requires_grad:
             return _CornerSum.apply(feats, cols, weight.detach(), compute)
         return _corner_product(feats.to(compute), cols, weight)
@@ -647,8 +644,7 @@ def _trilinear(tensor: SparseTensor, points: torch.Tensor, vs, batch):
         # grad, made by a learnable step, failed the graph's build; eager mode gives them the torch twin's below)
         return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points.detach(), list(vs),
                                                        batch)
-    if (torch.is_grad_enabled() and points.requires_grad) or forward_ad.unpack_dual(points).tangent is not None \
-            or not _ext.serves(tensor.coords, points):
+    if _ext.needs_grad(points) or _ext.carries_tangent(points) or not _ext.serves(tensor.coords, points):
         # (the core's weights are numbers without a history: points that require grad or carry a forward-mode
         # tangent get the torch twin's, the same indices and weights made of torch operations on the points, so
         # a gradient reaches them on the CPU as on any other device)

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.autograd import forward_ad
 
 from .. import _ext
 from .. import kmap as _kmap
@@ -534,7 +533,7 @@ def sixteen_bit_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torc
         return False
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != dtype):
         return False
-    if not _needs_grad(feats, weight, bias) or _carries_tangent(feats, weight, bias):
+    if not _ext.needs_grad(feats, weight, bias) or _ext.carries_tangent(feats, weight, bias):
         return False
     return _ext.serves(feats, weight)
 
@@ -763,17 +762,7 @@ def _differentiated(*tensors: torch.Tensor | None) -> bool:
     (``torch.func.jvp``, ``torch.autograd.forward_ad``; the Function has no
     jvp rule and torch says so, where the inference path would drop the
     tangent: a silent zero)."""
-    return _needs_grad(*tensors) or _carries_tangent(*tensors)
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether grad mode is on and one of ``tensors`` (None aside) requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _carries_tangent(*tensors: torch.Tensor | None) -> bool:
-    """Whether one of ``tensors`` (None aside) carries a forward-mode tangent."""
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return _ext.needs_grad(*tensors) or _ext.carries_tangent(*tensors)
 
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
