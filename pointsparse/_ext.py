@@ -252,9 +252,33 @@ def carries_tangent(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def batched(*tensors: torch.Tensor | None) -> bool:
+    """Whether one of ``tensors`` (None aside) is a ``torch.func.vmap`` batch
+    (at any level of the transforms' wrappers): the core cannot read it, so
+    it takes a Function with a vmap rule."""
+    functorch = torch._C._functorch
+    for t in tensors:
+        while t is not None and functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t):
+                return True
+            t = functorch.get_unwrapped(t)
+    return False
+
+
 def in_transform() -> bool:
     """Whether a torch.func transform (``grad``, ``vjp``, ``jacrev``, ``vmap``, ...) is running."""
     return torch._C._functorch.maybe_current_level() is not None
+
+
+def plain_ops():
+    """A context in which torch ops make plain tensors inside a torch.func
+    transform too (its dispatch off; elsewhere nothing changes): for what a
+    coordinate cache keeps, maps and plans, never differentiated. Built in a
+    transform, their index tensors came out wrapped at its level, and kept
+    past it a later transform's ops met them as escaped wrappers (torch's
+    'level <= current_level' INTERNAL ASSERT): a map built in
+    ``jvp(grad(...))`` failed the next transform's torch-ops conv."""
+    return torch._C._DisableFuncTorch() if in_transform() else contextlib.nullcontext()
 
 
 def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:

@@ -125,8 +125,9 @@ class KernelMap:
         if self.in_idx.is_inference() and not torch.is_inference_mode_enabled():
             # Built under torch.inference_mode (a cached map then serves training): autograd cannot save
             # inference tensors (index_add_ and indexing save the indices), so ordinary copies from now on.
-            object.__setattr__(self, "in_idx", self.in_idx.clone())
-            object.__setattr__(self, "out_idx", self.out_idx.clone())
+            with _ext.plain_ops():
+                object.__setattr__(self, "in_idx", self.in_idx.clone())
+                object.__setattr__(self, "out_idx", self.out_idx.clone())
         return self.in_idx, self.out_idx
 
     def offset_of_pairs(self, device=None) -> torch.Tensor:
@@ -138,8 +139,9 @@ class KernelMap:
         device = self.in_idx.device if device is None else _device(device)
         got = self._offset_of_pairs.get(device)
         if got is None or (got.is_inference() and not torch.is_inference_mode_enabled()):
-            got = torch.repeat_interleave(torch.arange(self.kernel_volume, device=device), self.sizes.to(device),
-                                          output_size=self.num_pairs)
+            with _ext.plain_ops():  # (kept past a torch.func transform: a plain tensor, as the map's own)
+                got = torch.repeat_interleave(torch.arange(self.kernel_volume, device=device),
+                                              self.sizes.to(device), output_size=self.num_pairs)
             self._offset_of_pairs[device] = got
         return got
 

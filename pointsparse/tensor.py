@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.utils._pytree
 
+from . import _ext
 from . import coords as _coords
 
 Triple = tuple[int, int, int]
@@ -306,7 +307,8 @@ class CoordinateCache:
         by ``build()``."""
         kmap = self.kmaps.get(key)
         if kmap is None:
-            kmap = self.derived.pop(key, build)()
+            with _ext.plain_ops():  # (kept past a transform: plain tensors)
+                kmap = self.derived.pop(key, build)()
             self.kmaps[key] = kmap
         return kmap
 
@@ -336,7 +338,8 @@ class CoordinateCache:
         ``build()`` once (kept while this cache holds the map)."""
         entry = self.plans.get(kmap.key)
         if entry is None or entry[0] is not kmap:
-            entry = self.plans[kmap.key] = (kmap, build())
+            with _ext.plain_ops():
+                entry = self.plans[kmap.key] = (kmap, build())
         return entry[1]
 
     def note_kept(self, stride: Triple, rows: torch.Tensor, n, source: "CoordinateCache") -> None:

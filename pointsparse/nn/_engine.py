@@ -199,6 +199,10 @@ def _fused_plan_in(cache: "CoordinateCache", kmap: _kmap.KernelMap) -> FusedPlan
 def _np(t: torch.Tensor):
     if _ext.in_transform():  # (a torch.func transform's tensor: its values, see _ext.to_numpy)
         return _ext.to_numpy(t)
+    if torch._C._functorch.is_legacy_batchedtensor(t):  # (torch's 'Batching rule not implemented for detach')
+        raise TypeError("the engine's conv cannot take a batch of torch's legacy vmap (torch.autograd.grad(..., "
+                        "is_grads_batched=True), gradcheck's batched checks): use torch.func.vmap (over "
+                        "torch.func.vjp), which the conv runs sample by sample, or loop over the samples")
     return t.detach().numpy()
 
 
@@ -404,6 +408,32 @@ def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
     return execution.active, (mask if execution.vector and execution.density > 0 else None)
 
 
+def _sum_of(parts: list, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The sum of a jvp rule's terms (zeros of ``shape`` where every tangent
+    it was given was None)."""
+    if not parts:
+        return like.new_zeros(shape)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _vmap_by_sample(function, info, in_dims: tuple, args: tuple):
+    """The vmap rule of the engine's Functions: ``function`` applied to each
+    sample of the batch (the batched arguments taken at that index, the
+    others as given), the results stacked on dim 0. The core runs plain 2-D
+    rows, so a batch costs its samples' products, as a loop over them
+    would; the samples' kernel maps and plans are the one map's (only feats,
+    weights and gradients are batched, never coords)."""
+    def sample(i):  # (a non-tensor argument's in_dims entry may be a tuple of Nones: the weight's shape)
+        return (a.select(d, i) if isinstance(a, torch.Tensor) and isinstance(d, int) else a
+                for a, d in zip(args, in_dims))
+
+    outs = [function.apply(*sample(i)) for i in range(info.batch_size)]
+    return torch.stack(outs), 0
+
+
 class ConvFunction(torch.autograd.Function):
     """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan,
     region, mask)`` (``region``, ``mask``: see :func:`conv_backward`).
@@ -419,7 +449,11 @@ class ConvFunction(torch.autograd.Function):
 
     The forward takes no ``ctx`` (``setup_context`` fills it), so torch.func
     transforms (``grad``, ``vjp``, ``jacrev``) run it on plain tensors, as
-    the core needs; these Functions have no vmap rule (vmap is torch's error)."""
+    the core needs. Forward mode (``torch.func.jvp``, ``jacfwd``,
+    ``torch.autograd.forward_ad``) takes the product rule (:meth:`jvp`: the
+    conv is linear in the feats and in the weight), and ``torch.func.vmap``
+    (per-sample gradients, a batched ``jacrev``) runs the batch one sample
+    at a time (:func:`_vmap_by_sample`): the core takes plain rows."""
 
     @staticmethod
     def forward(feats, weight, bias, plan, region, mask):
@@ -432,7 +466,28 @@ class ConvFunction(torch.autograd.Function):
         # the inputs themselves, not contiguous copies: a copy made in the
         # forward is no part of the graph, and second-order gradients would miss it
         ctx.save_for_backward(feats, weight)
+        ctx.save_for_forward(feats, weight)
         ctx.has_bias = bias is not None
+
+    @staticmethod
+    def jvp(ctx, t_feats, t_weight, t_bias, *_):
+        # d(conv(f, W) + b) = conv(df, W) + conv(f, dW * mask) + db: the mask, as in the gradients (the
+        # adjoint of a weight gradient that the mask multiplies), keeps a pruned entry's tangent out
+        feats, weight = ctx.saved_tensors
+        plan, region, mask = ctx.plan, ctx.region, ctx.mask
+        parts = []
+        if t_feats is not None:
+            parts.append(ConvFunction.apply(t_feats, weight, None, plan, region, mask))
+        if t_weight is not None:
+            parts.append(ConvFunction.apply(feats, t_weight if mask is None else t_weight * mask, None, plan,
+                                            region, mask))
+        if t_bias is not None:
+            parts.append(t_bias.expand(plan.num_out, weight.shape[2]))
+        return _sum_of(parts, (plan.num_out, weight.shape[2]), feats)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_sample(ConvFunction, info, in_dims, args)
 
     @staticmethod
     def backward(ctx, grad):
@@ -470,6 +525,22 @@ class _InputGrad(torch.autograd.Function):
         grad, weight, plan, region, mask = inputs
         ctx.plan, ctx.region, ctx.mask = plan, region, mask
         ctx.save_for_backward(grad, weight)  # (the inputs, as ConvFunction's)
+        ctx.save_for_forward(grad, weight)
+
+    @staticmethod
+    def jvp(ctx, t_grad, t_weight, *_):
+        grad, weight = ctx.saved_tensors
+        plan, region, mask = ctx.plan, ctx.region, ctx.mask
+        parts = []
+        if t_grad is not None:
+            parts.append(_InputGrad.apply(t_grad, weight, plan, region, mask))
+        if t_weight is not None:
+            parts.append(_InputGrad.apply(grad, t_weight if mask is None else t_weight * mask, plan, region, mask))
+        return _sum_of(parts, (plan.num_in, weight.shape[1]), grad)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_sample(_InputGrad, info, in_dims, args)
 
     @staticmethod
     def backward(ctx, h):
@@ -495,8 +566,24 @@ class _WeightGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         feats, grad, plan, _weight_shape, region = inputs
-        ctx.plan, ctx.region = plan, region
+        ctx.plan, ctx.region, ctx.weight_shape = plan, region, _weight_shape
         ctx.save_for_backward(feats, grad)  # (the inputs, as ConvFunction's)
+        ctx.save_for_forward(feats, grad)
+
+    @staticmethod
+    def jvp(ctx, t_feats, t_grad, *_):
+        feats, grad = ctx.saved_tensors
+        plan, region, shape = ctx.plan, ctx.region, ctx.weight_shape
+        parts = []
+        if t_feats is not None:
+            parts.append(_WeightGrad.apply(t_feats, grad, plan, shape, region))
+        if t_grad is not None:
+            parts.append(_WeightGrad.apply(feats, t_grad, plan, shape, region))
+        return _sum_of(parts, shape, feats)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_sample(_WeightGrad, info, in_dims, args)
 
     @staticmethod
     def backward(ctx, v):
@@ -758,11 +845,12 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
 
 def _differentiated(*tensors: torch.Tensor | None) -> bool:
     """Whether a result of these tensors goes through :class:`ConvFunction`:
-    one of them needs a gradient or carries a forward-mode tangent
-    (``torch.func.jvp``, ``torch.autograd.forward_ad``; the Function has no
-    jvp rule and torch says so, where the inference path would drop the
-    tangent: a silent zero)."""
-    return _ext.needs_grad(*tensors) or _ext.carries_tangent(*tensors)
+    one of them needs a gradient, carries a forward-mode tangent
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``: the Function's jvp
+    rule carries it, where the inference path would drop it, a silent zero)
+    or is a ``torch.func.vmap`` batch (the Function's vmap rule runs it
+    sample by sample; the core cannot read a batch)."""
+    return _ext.needs_grad(*tensors) or _ext.carries_tangent(*tensors) or _ext.batched(*tensors)
 
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
