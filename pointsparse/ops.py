@@ -269,7 +269,8 @@ def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
     _no_meta_beside_real("kmap_restrict", in_coords=in_coords, out_coords=out_coords, in_idx=in_idx, out_idx=out_idx,
                          sizes=sizes, rows=rows, kept_coords=kept_coords)
     in_new, out_new = _new_pairs(in_coords, out_coords, in_idx, rows)
-    return in_new, out_new, sizes.new_empty(sizes.shape)
+    # (int64 counts whatever the given sizes' dtype, as the real one gives: int32 ones were traced as int32)
+    return in_new, out_new, sizes.new_empty(sizes.shape, dtype=torch.int64)
 
 
 def _no_meta_beside_real(op: str, **tensors: Optional[Tensor]) -> None:

@@ -109,6 +109,24 @@ def test_opcheck_conv():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_opcheck_the_map_operators_taking_pairs(index_dtype):
+    """torch.library.opcheck of kmap_transpose and kmap_restrict on pairs of
+    either index dtype they take (int64, int32): their fake implementations
+    give the dtypes the real ones do. kmap_restrict's fake gave its sizes
+    the input's dtype where the real one gives int64 counts."""
+    x = _cloud(80, 3)
+    down = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (2, 2, 2), (2, 2, 2), (1, 1, 1)))
+    coarse = ops.downsample(x.coords, [2, 2, 2])
+    pairs = [t.to(index_dtype) for t in ops.kmap_build(x.coords, coarse, down)]
+    rows = torch.arange(0, len(coarse), 2)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.pointsparse.kmap_transpose.default, (coarse, x.coords, *pairs, down, False),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.pointsparse.kmap_restrict.default,
+                          (x.coords, coarse, *pairs, down, rows, coarse[rows]), test_utils=utils)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_input_gradient_operator_sums_low_precision_products_in_float32(dtype):
     """conv_input_grad on bf16 / fp16 (a compiled bf16 model's backward: the
