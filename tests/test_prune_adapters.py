@@ -256,3 +256,28 @@ def test_a_learned_voxel_prunes_scorer_is_left_out_of_the_prunable_layers_unless
     assert not hasattr(net[1].scorer, "weight_mask") and not hasattr(net[3].prune.scorer, "weight_mask")
     assert hasattr(net[0], "weight_mask")
     assert [n for n, _ in adapters.prunable_layers(net, ["1.scorer"])] == ["1.scorer"]
+
+
+def test_naming_a_block_in_layers_names_the_prunable_layers_inside_it():
+    """A pointsparse Linear holds its torch Linear as ``fn``: naming the
+    module a model was built with (``layers=['head']``) was refused as
+    "layer 'head' is a Linear, not a prunable layer", which reads as if a
+    Linear could not be pruned. Now the message says it is a
+    pointsparse.nn.Linear and names the prunable layer inside it (the
+    layers inside a block, as for a Sequential); a module without layers
+    inside keeps the short message."""
+    import pointsparse as ps
+    from pointsparse.prune.procedure import global_magnitude_prune
+
+    model = nn.Sequential(ps.nn.Conv3d(2, 4, 3), nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    model.add_module("head", ps.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"layer 'head' is a Linear \(pointsparse\.nn\.Linear\), not a prunable "
+                                         r"layer itself; name the prunable layer inside it: \['head\.fn'\]"):
+        global_magnitude_prune(model, 0.5, ["head"])
+    with pytest.raises(ValueError, match=r"layer '1' is a Sequential \(torch\.nn\.Sequential\), .* inside it: \['1\.0'\]"):
+        adapters.prunable_layers(model, ["1"])
+    with pytest.raises(ValueError, match=r"layer '1\.1' is a ReLU, not a prunable layer$"):
+        adapters.prunable_layers(model, ["1.1"])
+    assert not prune.is_pruned(model)
+    global_magnitude_prune(model, 0.5, ["head.fn"])
+    assert adapters.sparsity(model, ["head.fn"]) == pytest.approx(0.5)

@@ -531,11 +531,26 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
             raise ValueError(f"layer {n!r} is not a submodule of the model; prunable layers: "
                              f"{[k for k, m in named.items() if is_layer(m)]}")
         if not is_layer(named[n]):
-            raise ValueError(f"layer {n!r} is a {type(named[n]).__name__}, not a prunable layer")
+            raise ValueError(_not_a_layer(n, named[n]))
         out.append((n, named[n]))
     if not out:
         raise ValueError("layers is empty")
     return out
+
+
+def _not_a_layer(name: str, module: nn.Module) -> str:
+    """Why ``layers`` may not name ``module``; a block (a ``Sequential``, a
+    ``pointsparse.nn.Linear``, whose torch Linear is its ``fn``) is named
+    with the prunable layers inside it, the names to give instead."""
+    inside = [f"{name}.{sub}" if name else sub for sub, m in module.named_modules() if sub and is_layer(m)]
+    what = type(module).__name__
+    if not inside:
+        return f"layer {name!r} is a {what}, not a prunable layer"
+    where = type(module).__module__
+    public = "pointsparse.nn" if where.startswith("pointsparse.nn") else "torch.nn" if where.startswith(
+        "torch.nn") else where  # (the name it is built by, not the file it is defined in)
+    return (f"layer {name!r} is a {what} ({public}.{what}), not a prunable layer itself; name the prunable "
+            f"layer{'s' if len(inside) > 1 else ''} inside it: {inside}")
 
 
 def masks(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
