@@ -72,6 +72,15 @@ def test_global_pool_refuses_a_huge_output_before_allocating(pool):
     assert out.shape == (1000, 4) and out[[0, 999]].eq(1).all() and not out[1:999].any()
 
 
+def test_instance_norm_names_its_per_item_statistics_not_an_output_when_they_are_too_large():
+    # (its output is (N, C), one row a site; the (B, C) it refuses are the items' means and variances:
+    # the global poolings' message said "the output (B, C)")
+    far = ps.SparseTensor(torch.randn(2, 4), torch.tensor([[0, 0, 0, 0], [2**31 - 1, 0, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"instance_norm: its per-item statistics \(2147483648, 4\).*GiB limit") as err:
+        spnn.InstanceNorm(4)(far)
+    assert "output" not in str(err.value)
+
+
 def test_linear_and_batchnorm_check_their_sizes_before_allocating():
     for args, error, match in [((4, 2**40), ValueError, "Linear weight .*over the limit"),
                                ((2**20, 2**12), ValueError, "over the limit"),

@@ -705,12 +705,14 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
 MAX_GLOBAL_POOL_BYTES = 1 << 32
 
 
-def check_global_pool_size(b: int, channels: int, element_size: int, what: str) -> None:
+def check_global_pool_size(b: int, channels: int, element_size: int, what: str, held: str = "the output") -> None:
     """ValueError where a global pooling's ``(b, channels)`` output and its
-    per-item counts would pass :data:`MAX_GLOBAL_POOL_BYTES`."""
+    per-item counts would pass :data:`MAX_GLOBAL_POOL_BYTES`; ``held``
+    names that ``(b, channels)`` tensor in the message (an instance norm's
+    are its per-item statistics: its output is a row a site)."""
     nbytes = b * (channels * element_size + 8)
     if nbytes > MAX_GLOBAL_POOL_BYTES:
-        raise ValueError(f"{what}: the output ({b}, {channels}) for batch indices up to {b - 1} needs "
+        raise ValueError(f"{what}: {held} ({b}, {channels}) for batch indices up to {b - 1} needs "
                          f"{nbytes / 2**30:.1f} GiB, over the {MAX_GLOBAL_POOL_BYTES / 2**30:.0f} GiB limit "
                          "(number the batch items from 0)")
 
@@ -723,7 +725,7 @@ def _items_of(cache, coords: torch.Tensor) -> torch.Tensor:
     return coords if origin is None else origin
 
 
-def _per_batch(input: SparseTensor, what: str):
+def _per_batch(input: SparseTensor, what: str, held: str = "the output"):
     """``(batch index of each row, sites of each batch item (B,))``, B the
     batch items of the network's input (a selection's cache: the coords it
     was made from, ``CoordinateCache.origin``), not of this tensor alone
@@ -733,7 +735,8 @@ def _per_batch(input: SparseTensor, what: str):
     ``batch_counts`` operator, whose length is a size the graph reads from
     the data; a graph reads only caches it made itself (an input's eager
     cache would be a constant of the graph): its input's coords number the
-    items."""
+    items. ``held``: what the size check's message calls the ``(B, C)``
+    tensor the caller makes (:func:`check_global_pool_size`)."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
     batch = input.coords[:, 0].long().to(input.device)
@@ -746,7 +749,7 @@ def _per_batch(input: SparseTensor, what: str):
             counts = torch.zeros_like(counts).index_add(0, batch, torch.ones_like(batch))
         return batch, counts
     b = input.batch_size  # (a selection's: the items of the input it was made from)
-    check_global_pool_size(b, input.num_channels, input.feats.element_size(), what)
+    check_global_pool_size(b, input.num_channels, input.feats.element_size(), what, held)
     return batch, torch.bincount(batch, minlength=b)
 
 
@@ -795,7 +798,7 @@ def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias:
     bf16 feats are normalised in float32 and rounded once. Differentiable
     (torch's operators)."""
     eps = _check_eps(eps)
-    batch, counts = _per_batch(input, "instance_norm")
+    batch, counts = _per_batch(input, "instance_norm", "its per-item statistics")
     feats = input.feats
     channels = feats.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
