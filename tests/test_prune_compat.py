@@ -7,6 +7,7 @@ new methods of pointsparse.prune to the same contract."""
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 from unittest import mock
@@ -527,3 +528,26 @@ def test_global_structured_refuses_a_parametrized_tensor_before_anything_is_prun
     with pytest.raises(TypeError, match=r"parameters\[1\]: ParametrizedConv3d\.weight is parametrized"):
         prune.global_structured([(plain, "weight"), (norm, "weight")], prune.ChannelStructured, 0.5)
     assert not prune.is_pruned(plain) and not prune.is_pruned(norm)
+
+
+@pytest.mark.parametrize("kind,method", METHOD_CASES)
+def test_a_loss_reading_module_weight_reaches_weight_orig_and_the_module_still_copies(kind, method):
+    """After a forward the package's methods leave ``module.weight`` the
+    product autograd made, as torch's do: a hand-written penalty on it (a
+    Torch-Pruning user's L1 term) gives ``weight_orig`` the gradient torch's
+    own masking gives (it was detached there, silently no gradient). The
+    module still deep-copies, pickles and saves in that state, each copy
+    computing what the module computes."""
+    module, x = make(kind)
+    NEW_METHODS[method](module, kind)
+    twin, _ = make(kind)
+    torch_prune.custom_from_mask(twin, "weight", module.weight_mask.clone())
+    for m in (module, twin):
+        (output(m, x).square().sum() + 0.1 * m.weight.abs().sum()).backward()
+    torch.testing.assert_close(module.weight_orig.grad, twin.weight_orig.grad, rtol=1e-6, atol=1e-6)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module)), torch.load(buffer, weights_only=False)):
+        assert type(clone.weight) is torch.Tensor and not clone.weight.requires_grad
+        torch.testing.assert_close(output(clone, x), output(module, x), rtol=0, atol=0)

@@ -2,9 +2,12 @@
 
 torch's mask re-parametrisation leaves ``weight = weight_orig * weight_mask``
 on the module after pruning and after every forward: a non-leaf tensor, which
-``copy.deepcopy`` refuses. Its value is detached here, right after pruning
-and after each forward; the forward pre-hook recomputes it from
-``weight_orig`` before use, so gradients are unchanged."""
+``copy.deepcopy`` refuses. Here that product stays what torch leaves, attached
+to autograd (a loss that reads ``module.weight``, a hand-written L1 term,
+reaches ``weight_orig`` as it does with torch's pruning), but as a
+:class:`_Product`, which deepcopy and pickling take as its values, detached
+(the copy's forward pre-hook recomputes it from ``weight_orig`` before use).
+Inside a torch.compile trace it is detached, as before."""
 
 from __future__ import annotations
 
@@ -15,14 +18,40 @@ from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
 
+class _Product(torch.Tensor):
+    """A masked tensor's product ``name_orig * name_mask`` as torch's hook
+    left it on the module, attached to autograd, that ``copy.deepcopy``,
+    ``pickle`` and ``torch.save`` take: copied or saved, it is a plain
+    detached tensor of its values (torch refuses a non-leaf tensor). Ops on
+    it give plain tensors (torch function handling off: no subclass spreads
+    into the layers that read it)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __deepcopy__(self, memo):
+        out = self.detach().clone()
+        memo[id(self)] = out
+        return out
+
+    def __reduce_ex__(self, protocol):
+        return self.detach().clone().__reduce_ex__(protocol)
+
+
 def _detach_masked(module: nn.Module, inputs=None, output=None) -> None:
+    """Makes ``module``'s masked products copyable (a forward hook, and after
+    pruning): each a :class:`_Product` on the same graph, detached inside a
+    torch.compile trace (a tensor subclass made there is no graph value)."""
     for key in list(module._parameters):
         if key.endswith("_orig"):
             value = module.__dict__.get(key[:-5])
             # (requires_grad, not grad_fn: torch.compile traces no grad_fn, and a fullgraph compile of a
             # pruned layer in grad mode failed on it; the product is no leaf, the hook makes it each forward)
-            if isinstance(value, torch.Tensor) and value.requires_grad:
+            if not isinstance(value, torch.Tensor) or not value.requires_grad or isinstance(value, _Product):
+                continue
+            if torch.compiler.is_compiling() or value.is_leaf:
                 setattr(module, key[:-5], value.detach())
+            else:
+                setattr(module, key[:-5], value.as_subclass(_Product))
 
 
 def copy_model(model: nn.Module) -> nn.Module:
