@@ -255,7 +255,10 @@ def carries_tangent(*tensors: torch.Tensor | None) -> bool:
 def batched(*tensors: torch.Tensor | None) -> bool:
     """Whether one of ``tensors`` (None aside) is a ``torch.func.vmap`` batch
     (at any level of the transforms' wrappers): the core cannot read it, so
-    it takes a Function with a vmap rule."""
+    it takes a Function with a vmap rule. False in a torch.compile / export
+    trace (which traces vmap itself, and cannot trace this test)."""
+    if torch.compiler.is_compiling():
+        return False
     functorch = torch._C._functorch
     for t in tensors:
         while t is not None and functorch.is_functorch_wrapped_tensor(t):
