@@ -480,3 +480,33 @@ def test_maps_built_inside_a_transform_serve_later_transforms(case):
     expect = torch.func.jvp(torch.func.grad(loss, argnums=1), (params, x.feats), ones)[1]
     torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch_path(loss)(params, x.feats), loss(params, x.feats), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # (torch's own, setting up its jvp)
+def test_jvp_and_per_sample_grads_through_minkunet():
+    """A whole MinkUNet (eval: strided, transposed, residual and concatenated
+    convs, BatchNorm): jvp in every parameter and the feats equals the torch
+    ops' forward mode; per-sample gradients by vmap(grad) equal autograd's
+    a sample at a time (to rounding: torch's own batching rules for the
+    other layers sum in other orders; one conv's are bit for bit, above)."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    x = cloud(n=300, c=4, extent=12)
+    net = MinkUNet(4, 3, cr=0.25).double().eval()
+    params = params_of(net)
+    fn = out_fn(net, x)
+    g = torch.Generator().manual_seed(10)
+    tangents = ({k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()},
+                torch.randn(x.feats.shape, generator=g, dtype=x.feats.dtype))
+    out, tangent = torch.func.jvp(fn, (params, x.feats), tangents)
+    ref_out, ref_tangent = torch.func.jvp(torch_path(fn), (params, x.feats), tangents)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tangent, ref_tangent, rtol=1e-10, atol=1e-12)
+    loss = loss_fn(net, x)
+    batched = torch.stack([x.feats, x.feats.flip(0)])
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, batched)
+    for i, f in enumerate(batched):
+        expect = autograd_grads(loss, params, f)[0]
+        for k in expect:
+            torch.testing.assert_close(per_sample[k][i], expect[k], rtol=1e-10, atol=1e-12, msg=k)
