@@ -302,8 +302,9 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     a ``ValueError`` naming ``path`` where it is a folder or cannot be
     written (:func:`check_out_path`; a ``TypeError`` where it is no str or
     ``os.PathLike``); ``TypeError`` unless ``meta`` is None or a dict with
-    str keys and JSON values (what :func:`load` returns), nested at most
-    ``checkpoint.MAX_NESTING`` levels deep."""
+    str keys and JSON values, nested at most ``checkpoint.MAX_NESTING``
+    levels deep; :func:`load` returns it as JSON gives it back (a tuple
+    comes back a list)."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"program must be a torch.export.ExportedProgram (export.export_model's); got "
                         f"{type(program).__name__}")
