@@ -125,7 +125,10 @@ constexpr int64_t kStreamBytes = int64_t(1) << 62;
 // a CPU running the avx512 build at full width (avx512_full_width(): as
 // measured on an Intel Xeon, and on an AMD EPYC Zen 5, bench/stream_output.py
 // --chain --mb 8, 2 threads: the conv alone 1.17-1.35x, chained 1.10-1.22x);
-// elsewhere never (kStreamBytes) until measured there.
+// elsewhere never (kStreamBytes): on an AMD EPYC Zen 4, whose 512-bit FMAs
+// run in halves, the same command (stop 68) gave 0.96x alone, 0.98x followed
+// by the unpruned conv and 0.97x by itself at C = 64 (1.18x / 0.96x / 1.00x
+// at C = 32), so its outputs stay in place (the rule is the avx512 build's).
 constexpr int64_t kStreamAutoBytes = int64_t(8) << 20;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests
 // and benchmarks: _core.conv_stream_bytes). set_stream_bytes returns the one
