@@ -1429,3 +1429,27 @@ def test_prune_rigl_checkpoint_keeps_its_masks_through_training(voxel_run, tmp_p
     for key, mask in masks.items():
         assert torch.equal(started[key], mask), key
         assert not bool(started[key[:-5] + "_orig"][~mask.bool()].any()), key
+
+
+def test_a_loaded_masked_model_deep_copies_after_a_training_forward(tmp_path):
+    """A model masked by the toolkit deep-copies after a forward with
+    gradients; the twin load_model makes of its checkpoint (masks on torch's
+    hooks) refused it (torch's 'Only Tensors created explicitly by the
+    user'). The copy computes what the loaded model computes, and a loss
+    reading a masked weight still reaches its weight_orig."""
+    import copy
+
+    from pointsparse.models import MinkUNet
+    from prune_procedures_support import sparse_input
+    torch.manual_seed(0)
+    net, x = MinkUNet(3, 4, cr=0.25).eval(), sparse_input(n=600, extent=16)
+    G.DependencyGraph(net, x).mask(G.plan(G.DependencyGraph(net, x), 0.5))
+    config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 2}
+    path = tmp_path / "masked.pt"
+    torch.save({"model": net.state_dict(), "config": dict(config, widths=G.widths(net))}, path)
+    for model in (net, load_model(path)):
+        stem = model.stem[0][0]
+        (model(x).feats.square().mean() + stem.weight.abs().sum()).backward()
+        assert stem.weight_orig.grad is not None and stem.weight_orig.grad.abs().sum() > 0
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x).feats, model(x).feats)

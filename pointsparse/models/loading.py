@@ -567,13 +567,20 @@ def _apply_masks(model: nn.Module) -> None:
     still hold what it was before the load (the full mask's ``weight_orig``).
     Without autograd: a product autograd made is no graph leaf, which
     ``copy.deepcopy`` of the loaded model refuses (the hook makes it again,
-    with its gradient, at each forward)."""
+    with its gradient, at each forward). Each masked module is kept
+    copyable after its forwards as the toolkit's own methods leave the
+    modules they prune (``prune._copyable.keep_copyable``): the model saved
+    deep-copied after a training forward, and its loaded twin, whose masks
+    torch's hooks carry, refused it."""
     from ..prune import BasePruningMethod
+    from ..prune._copyable import keep_copyable
     with torch.no_grad():
         for module in model.modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, BasePruningMethod):
-                    hook(module, None)
+            hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, BasePruningMethod)]
+            for hook in hooks:
+                hook(module, None)
+            if hooks:
+                keep_copyable(module)
 
 
 def shape_like(model: nn.Module, state_dict: dict) -> None:
