@@ -136,6 +136,29 @@ def test_before_and_after_table():
     assert lines[-1].startswith("total")
 
 
+def test_format_report_shows_a_channel_cut_in_shape_and_params():
+    """A cut (narrower layers under the same names) shows as ``before ->
+    now`` in the shape and params columns too: params were shown as they
+    are now only, and a cut's saving appeared only among the nonzeros; an
+    unchanged layer keeps its one value."""
+    x = sparse_input(n=12, channels=4)
+    pairs = {"body.0": naive_pair_counts(x.coords)}
+    torch.manual_seed(0)
+    net = _Head(nn.Sequential(SparseConv(4, 8, kernel_size=3), nn.Linear(8, 2)))
+    before = prune.sparsity_report(net, x, pairs=pairs)
+    net.body[0] = SparseConv(4, 4, kernel_size=3)  # (as a cut leaves them: half the conv's filters)
+    net.body[1] = nn.Linear(4, 2)
+    after = prune.sparsity_report(net, x, pairs=pairs)
+    lines = {line.split()[0]: line for line in prune.format_report(after, before).splitlines()[2:]}
+    conv = before["layers"]["body.0"]
+    assert "x".join(map(str, conv["shape"])) + " -> " + "x".join(map(str, after["layers"]["body.0"]["shape"])) \
+        in lines["body.0"]
+    assert f"{conv['params']} -> {after['layers']['body.0']['params']}" in lines["body.0"]
+    assert f"{before['total']['params']} -> {after['total']['params']}" in lines["total"]
+    same = prune.format_report(before, before)
+    assert " -> " not in same.splitlines()[2].split("  ")[2]  # (an unchanged shape: one value)
+
+
 def test_report_leaves_training_state_alone_and_without_input_has_no_flops():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     stats = model[1].running_mean.clone()

@@ -473,8 +473,10 @@ def _check_report(report, name: str) -> None:
 
 def format_report(report: dict, before: dict | None = None) -> str:
     """The report as a text table; with ``before`` (an earlier report of the
-    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``.
-    Both must be what :func:`sparsity_report` returns (TypeError otherwise)."""
+    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``,
+    and so are a layer's shape and params where they changed (a channel
+    cut: the params it removed, which masks never do). Both must be what
+    :func:`sparsity_report` returns (TypeError otherwise)."""
     _check_report(report, "report")
     if before is not None:
         _check_report(before, "before")
@@ -487,15 +489,17 @@ def format_report(report: dict, before: dict | None = None) -> str:
         if before is not None:
             old = before["total"] if name == "total" else before["layers"].get(name)
 
-        def pair(key, fmt):
+        def pair(key, fmt, changed_only=False):
             now = fmt(row[key])
-            return f"{fmt(old[key])} -> {now}" if old is not None else now
+            if old is None or (changed_only and fmt(old[key]) == now):
+                return now
+            return f"{fmt(old[key])} -> {now}"
 
         rows.append([
             name or "(model)",
             row["type"],
-            "x".join(map(str, row["shape"])) or "-",
-            _human(row["params"]),
+            pair("shape", lambda shape: "x".join(map(str, shape)) or "-", changed_only=True),
+            pair("params", _human, changed_only=True),
             pair("nonzeros", _human),
             pair("sparsity", lambda s: f"{100 * s:.1f}%"),
             pair("flops", _human),
