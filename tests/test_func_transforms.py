@@ -150,6 +150,13 @@ def test_func_jacrev_through_conv_equals_autograd():
     torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
 
 
+def random_tangents(params: dict, feats: torch.Tensor, seed: int) -> tuple[dict, torch.Tensor]:
+    """Seeded random tangents (or vectors) of the parameters and the feats."""
+    g = torch.Generator().manual_seed(seed)
+    return ({k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()},
+            torch.randn(feats.shape, generator=g, dtype=feats.dtype))
+
+
 def torch_path(fn):
     """``fn`` run with the conv on torch ops (``ps.backend("torch")``): the
     same pairs in index_select / matmul / index_add, whose forward mode and
@@ -221,9 +228,7 @@ def test_forward_mode_through_conv_equals_torch_ops(case, mode):
     m, x = layer(case)
     fn = out_fn(m, x)
     params = params_of(m)
-    g = torch.Generator().manual_seed(8)
-    t_params = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
-    t_feats = torch.randn(x.feats.shape, generator=g, dtype=x.feats.dtype)
+    t_params, t_feats = random_tangents(params, x.feats, 8)
 
     def run(function):
         if mode == "func.jvp":
@@ -249,9 +254,7 @@ def test_forward_over_reverse_hvp_equals_torch_ops(case):
     m, x = layer(case)
     loss = loss_fn(m, x)
     params = params_of(m)
-    g = torch.Generator().manual_seed(9)
-    v_params = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
-    v_feats = torch.randn(x.feats.shape, generator=g, dtype=x.feats.dtype)
+    v_params, v_feats = random_tangents(params, x.feats, 9)
 
     def hvp(function):
         grad = torch.func.grad(function, argnums=(0, 1))
@@ -496,9 +499,7 @@ def test_jvp_and_per_sample_grads_through_minkunet():
     net = MinkUNet(4, 3, cr=0.25).double().eval()
     params = params_of(net)
     fn = out_fn(net, x)
-    g = torch.Generator().manual_seed(10)
-    tangents = ({k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()},
-                torch.randn(x.feats.shape, generator=g, dtype=x.feats.dtype))
+    tangents = random_tangents(params, x.feats, 10)
     out, tangent = torch.func.jvp(fn, (params, x.feats), tangents)
     ref_out, ref_tangent = torch.func.jvp(torch_path(fn), (params, x.feats), tangents)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)

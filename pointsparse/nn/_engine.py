@@ -408,6 +408,20 @@ def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
     return execution.active, (mask if execution.vector and execution.density > 0 else None)
 
 
+def _product_rule(function, a, b, t_a, t_b, rest: tuple, mask=None) -> list:
+    """The terms of the jvp of ``function(a, b, *rest)``, linear in ``a`` and
+    in ``b`` (the engine's three Functions): ``function(t_a, b)`` and
+    ``function(a, t_b * mask)`` (``mask``: a pruning mask, which scales a
+    weight tangent as it scales the weight's gradients), each where its
+    tangent is given."""
+    parts = []
+    if t_a is not None:
+        parts.append(function.apply(t_a, b, *rest))
+    if t_b is not None:
+        parts.append(function.apply(a, t_b if mask is None else t_b * mask, *rest))
+    return parts
+
+
 def _sum_of(parts: list, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """The sum of a jvp rule's terms (zeros of ``shape`` where every tangent
     it was given was None)."""
@@ -474,16 +488,12 @@ class ConvFunction(torch.autograd.Function):
         # d(conv(f, W) + b) = conv(df, W) + conv(f, dW * mask) + db: the mask, as in the gradients (the
         # adjoint of a weight gradient that the mask multiplies), keeps a pruned entry's tangent out
         feats, weight = ctx.saved_tensors
-        plan, region, mask = ctx.plan, ctx.region, ctx.mask
-        parts = []
-        if t_feats is not None:
-            parts.append(ConvFunction.apply(t_feats, weight, None, plan, region, mask))
-        if t_weight is not None:
-            parts.append(ConvFunction.apply(feats, t_weight if mask is None else t_weight * mask, None, plan,
-                                            region, mask))
+        shape = (ctx.plan.num_out, weight.shape[2])
+        parts = _product_rule(ConvFunction, feats, weight, t_feats, t_weight, (None, ctx.plan, ctx.region, ctx.mask),
+                              ctx.mask)
         if t_bias is not None:
-            parts.append(t_bias.expand(plan.num_out, weight.shape[2]))
-        return _sum_of(parts, (plan.num_out, weight.shape[2]), feats)
+            parts.append(t_bias.expand(shape))
+        return _sum_of(parts, shape, feats)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -530,13 +540,8 @@ class _InputGrad(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_grad, t_weight, *_):
         grad, weight = ctx.saved_tensors
-        plan, region, mask = ctx.plan, ctx.region, ctx.mask
-        parts = []
-        if t_grad is not None:
-            parts.append(_InputGrad.apply(t_grad, weight, plan, region, mask))
-        if t_weight is not None:
-            parts.append(_InputGrad.apply(grad, t_weight if mask is None else t_weight * mask, plan, region, mask))
-        return _sum_of(parts, (plan.num_in, weight.shape[1]), grad)
+        parts = _product_rule(_InputGrad, grad, weight, t_grad, t_weight, (ctx.plan, ctx.region, ctx.mask), ctx.mask)
+        return _sum_of(parts, (ctx.plan.num_in, weight.shape[1]), grad)
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -573,13 +578,8 @@ class _WeightGrad(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_feats, t_grad, *_):
         feats, grad = ctx.saved_tensors
-        plan, region, shape = ctx.plan, ctx.region, ctx.weight_shape
-        parts = []
-        if t_feats is not None:
-            parts.append(_WeightGrad.apply(t_feats, grad, plan, shape, region))
-        if t_grad is not None:
-            parts.append(_WeightGrad.apply(feats, t_grad, plan, shape, region))
-        return _sum_of(parts, shape, feats)
+        parts = _product_rule(_WeightGrad, feats, grad, t_feats, t_grad, (ctx.plan, ctx.weight_shape, ctx.region))
+        return _sum_of(parts, ctx.weight_shape, feats)
 
     @staticmethod
     def vmap(info, in_dims, *args):
