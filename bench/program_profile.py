@@ -8,6 +8,10 @@ rows, pairs, time, and its fused plan's time).
     flock /work/cpu.lock .venv/bin/python bench/program_profile.py FILE.pt2 [--voxel-size 0.05]
         [--calls 5] [--out PAGE.md] [--quick]
 
+``--quick`` without a file: a small random-weight MinkUNet exported here
+(``pointsparse export --inference fused``) on the generated street, one
+profiled call, the page in a temporary folder: a smoke run of the script.
+
 The program runs on the sweep (KITTI raw 000049, a generated street of 20k
 voxels where the dataset is absent or with ``--quick``) voxelized at
 ``--voxel-size`` (default 0.05 m: the north star's, whatever the file was
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -115,9 +120,29 @@ def map_table(model, x) -> str:
     return "\n".join(lines)
 
 
+def small_program(folder: Path) -> Path:
+    """``--quick``'s program: a MinkUNet at cr 0.25 with one block a stage,
+    random weights, exported as ``pointsparse export --inference fused``
+    exports a checkpoint (its input the seven point features voxelize_sample makes)."""
+    from pointsparse.app.cli import main as cli_main
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    model = MinkUNet(7, 4, cr=0.25, blocks=1).eval()
+    checkpoint = folder / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": {
+        "in_channels": 7, "classes": ["a", "b", "c", "d"], "cr": 0.25, "blocks": 1, "voxel_size": 0.05,
+        "ignore_index": 255, "model": "minkunet"}}, checkpoint)
+    program = folder / "small.pt2"
+    if cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(program), "--inference", "fused"]) != 0:
+        raise RuntimeError("pointsparse export of the small MinkUNet failed")
+    return program
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("program", type=Path, help="a .pt2 file of `pointsparse export`")
+    parser.add_argument("program", type=Path, nargs="?", default=None,
+                        help="a .pt2 file of `pointsparse export` (--quick without one: a small one made here)")
     parser.add_argument("--voxel-size", type=float, default=0.05)
     parser.add_argument("--calls", type=positive_int, default=None, help="default 5 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
@@ -125,20 +150,25 @@ def main() -> None:
     parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()
     quick_defaults(args, calls=(5, 1))
-    if not args.program.is_file():
+    if args.program is None and not args.quick:
+        parser.error("program: the .pt2 file to profile is needed (only --quick makes a small one)")
+    if args.program is not None and not args.program.is_file():
         parser.error(f"program: {args.program} does not exist")
     if not args.voxel_size > 0:
         parser.error(f"--voxel-size must be a positive number of metres; got {args.voxel_size}")
     torch.set_num_threads(args.threads)
     from pointsparse.app.evaluate import program_and_state
 
-    model, _state = program_and_state(args.program)
-    x, name = sweep_input(model, args.voxel_size, args.quick)
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-    tables = [f"{name} at {args.voxel_size} m: {len(x):,} voxels, {args.threads} threads, program "
-              f"`{args.program}`", operator_table(model, x, args.calls), map_table(model, x)]
+    with tempfile.TemporaryDirectory() as tmp:
+        program = args.program if args.program is not None else small_program(Path(tmp))
+        model, _state = program_and_state(program)
+        x, name = sweep_input(model, args.voxel_size, args.quick)
+        with torch.no_grad():
+            for _ in range(3):
+                model(x)
+        what = f"`{args.program}`" if args.program is not None else "a small random-weight MinkUNet (--quick)"
+        tables = [f"{name} at {args.voxel_size} m: {len(x):,} voxels, {args.threads} threads, program {what}",
+                  operator_table(model, x, args.calls), map_table(model, x)]
     page = page_path(args.out, "program_profile.md", args.quick)
     write_markdown(page, "Where an exported program's time goes",
                    "python bench/program_profile.py " + shlex.join(sys.argv[1:]), environment(), tables)

@@ -749,3 +749,26 @@ def test_ab_builds_times_the_input_gradient_with_its_own_choice(tmp_path):
         want = np.zeros(0, np.uint8) if run.active is None else run.active
         assert np.array_equal(arrays["input_active_" + kind], want)
         assert paths["input", kind] == run.name
+
+
+def test_program_profile_breaks_a_program_down(tmp_path):
+    """``bench/program_profile.py --quick`` exports a small MinkUNet and
+    profiles it: the page holds the operators' table (the convs among them)
+    and the maps its graph built, each with its fused plan; without a file
+    and without --quick the program argument is named."""
+    script = str(benchmark.BENCH_DIR / "program_profile.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    page = tmp_path / "profile.md"
+    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(page)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = page.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `pointsparse::conv_inference` |"))
+    assert float(row.split("|")[2]) > 0 and float(row.split("|")[4]) > 0
+    maps = [line for line in text.splitlines() if line.startswith("| map |")]
+    plans = [line for line in text.splitlines() if line.startswith("| plan |")]
+    assert maps and len(plans) == len(maps) and "| (3, 3, 3) |" in maps[0]
+    assert "Sums: k3 maps" in text
+    proc = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode != 0 and "program" in proc.stderr and "--quick" in proc.stderr
