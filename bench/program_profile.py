@@ -120,10 +120,11 @@ def map_table(model, x) -> str:
     return "\n".join(lines)
 
 
-def small_program(folder: Path) -> Path:
+def small_program(folder: Path, voxel_size: float = 0.05) -> Path:
     """``--quick``'s program: a MinkUNet at cr 0.25 with one block a stage,
     random weights, exported as ``pointsparse export --inference fused``
-    exports a checkpoint (its input the seven point features voxelize_sample makes)."""
+    exports a checkpoint (its input the seven point features voxelize_sample
+    makes; ``voxel_size``: the one its config says it was trained at)."""
     from pointsparse.app.cli import main as cli_main
     from pointsparse.models import MinkUNet
 
@@ -131,7 +132,7 @@ def small_program(folder: Path) -> Path:
     model = MinkUNet(7, 4, cr=0.25, blocks=1).eval()
     checkpoint = folder / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "config": {
-        "in_channels": 7, "classes": ["a", "b", "c", "d"], "cr": 0.25, "blocks": 1, "voxel_size": 0.05,
+        "in_channels": 7, "classes": ["a", "b", "c", "d"], "cr": 0.25, "blocks": 1, "voxel_size": voxel_size,
         "ignore_index": 255, "model": "minkunet"}}, checkpoint)
     program = folder / "small.pt2"
     if cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(program), "--inference", "fused"]) != 0:

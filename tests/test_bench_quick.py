@@ -179,22 +179,18 @@ def test_north_star_times_an_exported_program(tmp_path):
     the KITTI sweep (a row with its file, size, form and times); a spec
     without ``=`` or naming no file is refused with the flag named."""
     import pytest
-    import torch
 
     from conftest import find_datasets
-    from pointsparse.app.cli import main as cli_main
-    from pointsparse.models import MinkUNet
 
     datasets = find_datasets()
     if datasets is None or not (datasets / "kitti-raw" / "000049.bin").is_file():
         pytest.skip("needs ../shared/datasets/kitti-raw/000049.bin")
-    model = MinkUNet(7, 4, cr=0.25, blocks=1).eval()
-    ckpt = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "config": {
-        "in_channels": 7, "classes": ["a", "b", "c", "d"], "cr": 0.25, "blocks": 1, "voxel_size": 0.4,
-        "ignore_index": 255, "model": "minkunet"}}, ckpt)
-    program = tmp_path / "tiny.pt2"
-    assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(program), "--inference", "fused"]) == 0
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        from program_profile import small_program  # (the bench's own small exported MinkUNet)
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    program = small_program(tmp_path, voxel_size=0.4)
     script = str(benchmark.BENCH_DIR / "north_star.py")
     env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_DATASETS=str(datasets))
     page = tmp_path / "ns.md"
