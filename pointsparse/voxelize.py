@@ -339,7 +339,8 @@ def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
     if mode in (0, 1):
         # float16 and bfloat16 summed in float32 (float16 made 2000 points of 100 inf, and their mean too)
         wide = torch.promote_types(feats.dtype, torch.float32)
-        out = feats.new_zeros((m, c), dtype=wide).index_add_(0, inverse, feats.to(wide))
+        # (out of place: under torch.func.vmap a batch of feats into an unbatched zeros cannot go in place)
+        out = feats.new_zeros((m, c), dtype=wide).index_add(0, inverse, feats.to(wide))
         if mode == 1:
             out = out / (seg_ptr[1:] - seg_ptr[:-1]).to(wide)[:, None]
         return out.to(feats.dtype), feats.new_zeros(0, dtype=torch.int64)
@@ -415,6 +416,13 @@ def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     batch = _check_batch(batch, points.shape[0], points.device)
     _check_extent(points, vs, batch, bounds)  # (before the core or torch allocates the quantised coords)
+    if _ext.carries_tangent(feats) or _ext.batched(feats):
+        # forward mode (torch.func.jvp, forward_ad) or a torch.func.vmap batch of feats: the reduction in torch
+        # ops, whose own rules carry them (the core's Functions have neither); the grouping is the same
+        _check_finite(points)
+        coords, inverse, perm, seg_ptr = _group(points, vs, batch)
+        out_feats = _segment_reduce_torch(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
+        return SparseTensor(out_feats, coords, 1, validate=False), inverse
     if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
         out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])[:3]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse

@@ -1,8 +1,8 @@
 """torch.func transforms (grad, vjp, jacrev, grad of grad) through the
 engine's autograd Functions equal torch.autograd's gradients, bit for bit;
 vmap (per-sample gradients) equals a loop over the samples and forward mode
-(jvp, jacfwd, forward_ad) the torch ops' own forward mode on the same pairs.
-Through voxelize, whose Functions have no vmap rule, vmap is torch's error."""
+(jvp, jacfwd, forward_ad) the torch ops' own forward mode on the same pairs;
+through voxelize and devoxelize they take torch ops."""
 
 from __future__ import annotations
 
@@ -351,11 +351,55 @@ def test_func_grad_through_voxelize_and_conv_equals_autograd():
     assert_same(got, autograd_grads(loss, params, feats))
 
 
-@pytest.mark.parametrize("backend,function", [("auto", "_VoxelizeCore"), ("torch", "_SegmentReduce")])
-def test_func_vmap_through_voxelize_is_torchs_error(backend, function):
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # (torch's own, setting up its jvp)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum", "first"])
+def test_func_vmap_and_forward_mode_through_voxelize(reduce, backend):
+    """A vmap batch or a tangent on the point features takes voxelize's
+    reduction in torch ops (the core's Functions carry neither; they were
+    torch's errors): vmap equals a loop bit for bit, per-sample gradients
+    equal grad a sample at a time, and the jvp passes torch's check against
+    finite differences; the voxels are the ones the core makes."""
     points, feats = points_cloud()
-    with ps.backend(backend), pytest.raises(RuntimeError, match=f"vmap over {function}"):
-        torch.func.vmap(lambda f: ps.voxelize(points, f, voxel_size=0.5)[0].feats)(torch.stack([feats, -feats]))
+
+    def voxel_feats(f):
+        return ps.voxelize(points, f, voxel_size=0.5, reduce=reduce)[0].feats
+
+    def loss(f):
+        return (voxel_feats(f).sin() * 0.5).sum()
+
+    batched = torch.stack([feats, -feats, 2 * feats])
+    with ps.backend(backend):
+        torch.testing.assert_close(torch.func.vmap(voxel_feats)(batched), torch.stack([voxel_feats(f) for f in batched]),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(batched),
+                                   torch.stack([torch.func.grad(loss)(f) for f in batched]), rtol=0, atol=0)
+        assert torch.autograd.gradcheck(voxel_feats, (feats.clone().requires_grad_(),), check_forward_ad=True)
+        with forward_ad.dual_level():
+            x, inverse = ps.voxelize(points, forward_ad.make_dual(feats, torch.ones_like(feats)), voxel_size=0.5,
+                                     reduce=reduce)
+        plain, plain_inverse = ps.voxelize(points, feats, voxel_size=0.5, reduce=reduce)
+    assert torch.equal(x.coords, plain.coords) and torch.equal(inverse, plain_inverse)
+    torch.testing.assert_close(forward_ad.unpack_dual(x.feats).primal, plain.feats, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # (torch's own, setting up its jvp)
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (vmap's fallback for addcmul_)
+@pytest.mark.parametrize("mode", ["nearest", "trilinear"])
+def test_func_vmap_and_forward_mode_through_devoxelize(mode):
+    """devoxelize under vmap equals a loop and its jvp passes torch's check."""
+    points, feats = points_cloud(n=80)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.4)
+
+    def point_feats(f):
+        if mode == "nearest":
+            return ps.devoxelize(x.with_feats(f), inverse)
+        return ps.devoxelize(x.with_feats(f), points=points, voxel_size=0.4, mode="trilinear")
+
+    batched = torch.stack([x.feats, -x.feats])
+    torch.testing.assert_close(torch.func.vmap(point_feats)(batched), torch.stack([point_feats(f) for f in batched]),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(point_feats, (x.feats.clone().requires_grad_(),), check_forward_ad=True)
 
 
 @pytest.mark.parametrize("score", ["magnitude", "learned"])
