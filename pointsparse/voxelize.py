@@ -416,19 +416,16 @@ def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     batch = _check_batch(batch, points.shape[0], points.device)
     _check_extent(points, vs, batch, bounds)  # (before the core or torch allocates the quantised coords)
-    if _ext.carries_tangent(feats) or _ext.batched(feats):
-        # forward mode (torch.func.jvp, forward_ad) or a torch.func.vmap batch of feats: the reduction in torch
-        # ops, whose own rules carry them (the core's Functions have neither); the grouping is the same
-        _check_finite(points)
-        coords, inverse, perm, seg_ptr = _group(points, vs, batch)
-        out_feats = _segment_reduce_torch(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
-        return SparseTensor(out_feats, coords, 1, validate=False), inverse
-    if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
+    # forward mode (torch.func.jvp, forward_ad) or a torch.func.vmap batch of feats: the reduction in torch
+    # ops, whose own rules carry them (the core's Functions have neither); the grouping is the same
+    in_torch = _ext.carries_tangent(feats) or _ext.batched(feats)
+    if not in_torch and _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
         out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])[:3]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     _check_finite(points)
     coords, inverse, perm, seg_ptr = _group(points, vs, batch)
-    out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
+    reduce_with = _segment_reduce_torch if in_torch else _SegmentReduce.apply
+    out_feats = reduce_with(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
     return SparseTensor(out_feats, coords, 1, validate=False), inverse
 
 
