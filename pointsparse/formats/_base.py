@@ -8,7 +8,6 @@ import contextlib
 import math
 
 import torch
-from torch.autograd import forward_ad
 
 from .. import _ext
 from ..coords import check_has_data
@@ -364,10 +363,10 @@ class SparseFormat:
         if dense.dtype != self.dtype:
             raise TypeError(f"dense must have dtype {self.dtype} like the weight; got {dense.dtype}")
         what = f"{type(self).__name__}.matmul"
-        if torch.is_grad_enabled() and dense.requires_grad:  # the product is not differentiable: say so
+        if _ext.needs_grad(dense):  # the product is not differentiable: say so
             raise RuntimeError(f"{what} gives no gradient for dense, which requires one; "
                                "run it under torch.no_grad() or pass dense.detach()")
-        if forward_ad.unpack_dual(dense).tangent is not None:  # (else dropped: a silent zero)
+        if _ext.carries_tangent(dense):  # (else dropped: a silent zero)
             raise RuntimeError(f"{what} gives no tangent for dense, which carries a forward-mode one "
                                "(torch.func.jvp, torch.autograd.forward_ad); pass a plain tensor")
         with outside_transforms(dense, what, "multiply a tensor made outside the transform, or to_dense() inside it"):

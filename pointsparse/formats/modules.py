@@ -7,7 +7,6 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 
 from .. import _ext
 from .. import kmap as _kmap
@@ -101,13 +100,13 @@ def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
     """A clear error where autograd would need a gradient the module cannot
     give, or the input carries a forward-mode tangent (``torch.func.jvp``,
     ``torch.autograd.forward_ad``: the product would drop it, a silent zero)."""
-    if torch.is_grad_enabled() and input.requires_grad:
+    if _ext.needs_grad(input):
         raise RuntimeError(
             f"{type(module).__name__} ({what}) is inference-only and cannot give a gradient for its input, and "
             "its input requires grad (the model's input does, or parameters of layers before it, such as a "
             "BatchNorm's); run it under torch.no_grad() or torch.inference_mode() (or detach the input), or "
             "train the uncompressed module")
-    if forward_ad.unpack_dual(input).tangent is not None:
+    if _ext.carries_tangent(input):
         raise RuntimeError(
             f"{type(module).__name__} ({what}) is inference-only and cannot carry a forward-mode tangent "
             "(torch.func.jvp, torch.autograd.forward_ad) of its input; give it a plain input, or differentiate "
