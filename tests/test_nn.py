@@ -570,3 +570,25 @@ def test_instance_norm_refuses_parameters_of_another_float_dtype_as_the_module_d
             ps.nn.functional.instance_norm(low, weight.double())
     wide = ps.nn.functional.instance_norm(x.with_feats(low.feats.float()), weight, bias).feats
     torch.testing.assert_close(mixed.float(), wide, atol=0.05, rtol=0.02)
+
+
+def test_linear_names_fn_where_its_weight_is_asked_for():
+    """pointsparse.nn.Linear keeps its torch Linear at ``fn``; torch's pruning functions on the wrapper
+    (prune.l1_unstructured(layer, "weight", 0.5)) and ``layer.weight`` were a bare AttributeError
+    ("'Linear' object has no attribute 'weight'"): the error now names ``fn`` and the two ways to prune it.
+    hasattr stays False (an AttributeError still), and every other missing name keeps torch's message."""
+    from pointsparse import prune
+
+    layer = spnn.Linear(4, 3)
+    for name in ("weight", "bias", "weight_orig", "weight_mask", "in_features", "out_features"):
+        with pytest.raises(AttributeError, match=rf"keeps its torch Linear at \.fn: use layer\.fn\.{name}"):
+            getattr(layer, name)
+        assert not hasattr(layer, name)
+    with pytest.raises(AttributeError, match=r"prune\.l1_unstructured\(layer\.fn, 'weight', amount\)"):
+        prune.l1_unstructured(layer, "weight", 0.5)
+    with pytest.raises(AttributeError, match="'Linear' object has no attribute 'nonsense'$"):
+        layer.nonsense
+    prune.l1_unstructured(layer.fn, "weight", 0.5)  # (the way the message gives)
+    x = make(c=4, dtype=torch.float32)
+    assert torch.equal(layer(x).feats, torch.nn.functional.linear(x.feats, layer.fn.weight, layer.fn.bias))
+    assert int((layer.fn.weight == 0).sum()) == 6

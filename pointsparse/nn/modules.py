@@ -815,3 +815,18 @@ class Linear(_Pointwise):
                              f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
         factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
         super().__init__(in_features, out_features, *args, **factory, **kwargs)
+
+    # (torch's Linear's names, asked of the wrapper: torch's pruning functions, a user's layer.weight)
+    _FN_NAMES = frozenset(("weight", "bias", "weight_orig", "weight_mask", "bias_orig", "bias_mask",
+                           "in_features", "out_features"))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in Linear._FN_NAMES:
+                raise
+        raise AttributeError(
+            f"'Linear' object has no attribute {name!r}: pointsparse.nn.Linear keeps its torch Linear at .fn: "
+            f"use layer.fn.{name} (torch's pruning: prune.l1_unstructured(layer.fn, 'weight', amount); "
+            "pointsparse.prune's functions of a model name it as the layer 'NAME.fn')")
