@@ -29,18 +29,37 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 # The extension, built in place (pointsparse/_core*.so) so the source tree
-# runs as is; `make install` builds the same module as a wheel.
-$(EXT_STAMP): $(STAMP) $(CORE_SOURCES)
-	$(VENV)/bin/cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
-	  -DPython_EXECUTABLE=$(CURDIR)/$(PY) \
-	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) > /dev/null
-	$(VENV)/bin/cmake --build $(BUILD)
-	@# Copied beside, then renamed over the old module: a process still running on the
-	@# old one (a training run, a test) keeps its file; copying over it in place had
-	@# changed the pages it had mapped (SIGBUS).
-	for so in $(BUILD)/_core*.so; do cp "$$so" "pointsparse/.$$(basename $$so).new" && \
-	  mv -f "pointsparse/.$$(basename $$so).new" "pointsparse/$$(basename $$so)" || exit 1; done
+# runs as is. It is built as `pip install .` builds it: a wheel, through
+# scikit-build-core into its build-dir (build/{wheel_tag}, incremental), whose
+# module is then taken out of the wheel. So the module the tests run is the
+# one a wheel carries, and the wheel test (tests/test_build.py) finds its
+# objects built: it packages and imports, without compiling the core again
+# (a second full compile had cost CI 2 minutes on 2 cores). `make install`
+# installs the same wheel.
+define TAKE_CORE
+import os, pathlib, sys, zipfile
+wheels = sorted(pathlib.Path(sys.argv[1]).glob("pointsparse-*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"expected one pointsparse wheel in {sys.argv[1]}; got {[w.name for w in wheels]}")
+with zipfile.ZipFile(wheels[0]) as zf:
+    cores = [n for n in zf.namelist() if n.startswith("pointsparse/_core") and n.endswith(".so")]
+    if len(cores) != 1:
+        sys.exit(f"expected one pointsparse/_core*.so in {wheels[0].name}; got {cores}")
+    name = pathlib.Path(cores[0]).name
+    # Written beside, then renamed over the old module: a process still running
+    # on the old one (a training run, a test) keeps its file; copying over it in
+    # place had changed the pages it had mapped (SIGBUS).
+    tmp = pathlib.Path("pointsparse") / f".{name}.new"
+    tmp.write_bytes(zf.read(cores[0]))
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, pathlib.Path("pointsparse") / name)
+endef
+export TAKE_CORE
+
+$(EXT_STAMP): $(STAMP) $(CORE_SOURCES) pyproject.toml
+	rm -rf $(BUILD)/wheel
+	$(PY) -m pip wheel --no-build-isolation --no-deps --disable-pip-version-check -q -w $(BUILD)/wheel .
+	$(PY) -c "$$TAKE_CORE" $(BUILD)/wheel
 	touch $(EXT_STAMP)
 
 build: $(EXT_STAMP)

@@ -21,8 +21,8 @@ generated street of 20k voxels, forward, one round, the page in a
 temporary folder.
 
 A build of an earlier commit: ``git worktree add /tmp/old <commit>``, then in
-it the Makefile's cmake configure and build (``make build`` there copies the
-module into that tree's ``pointsparse/``). The conv is ``bench/conv_instructions.py``'s:
+it ``make build`` (it builds that tree's wheel and takes the module out into
+that tree's ``pointsparse/``). The conv is ``bench/conv_instructions.py``'s:
 a submanifold ``Conv3d(C, C, 3)`` on the KITTI sweep (000049, 0.05 m; a
 generated street of 20k voxels where the dataset is absent), unpruned and
 pruned (``offset``: 75% of the kernel offsets, ``offset50``: 50%, ``vector``:
