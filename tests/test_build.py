@@ -368,3 +368,16 @@ def test_reuse_freed_memory_refuses_bools_and_floats(monkeypatch, bad):
     with pytest.raises(ValueError, match=r"max_bytes must be an int in \[0, 2\*\*30\]; got -1"):
         pointsparse.reuse_freed_memory(True, -1)
     assert calls == []
+
+
+def test_importing_the_package_leaves_sympy_and_dynamo_out():
+    """``import pointsparse`` imported torch's symbolic shapes (and sympy under them) for one helper of
+    voxelize's graphs: half a second of every process that imports the package (a CLI call, a DataLoader
+    worker, each subprocess of this suite) and runs no graph. They load where a graph is traced."""
+    code = ("import sys, pointsparse\n"
+            "left = [m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes', 'torch._dynamo') if m in sys.modules]\n"
+            "print(left)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**_clean_env(), "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "[]", run.stdout
