@@ -80,7 +80,7 @@ def spconv_map(coords: torch.Tensor, kernel_size: int, stride: int):
 
 def clouds(quick: bool) -> dict[str, torch.Tensor]:
     out = {}
-    for n in ((25_000, 100_000, 400_000) if quick else (25_000, 100_000, 400_000, 1_000_000)):
+    for n in ((25_000, 100_000) if quick else (25_000, 100_000, 400_000, 1_000_000)):
         out[f"street {n // 1000}k"] = c.street_scene(n)
     sweeps = c.real_sweeps()
     for name, pts in sweeps.items():
