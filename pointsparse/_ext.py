@@ -284,6 +284,16 @@ def plain_ops():
     return torch._C._DisableFuncTorch() if in_transform() else contextlib.nullcontext()
 
 
+def guard_or_false(cond) -> bool:
+    """torch's ``guard_or_false``: a plain bool (eager) as it is; a symbolic
+    one (a graph's row count) False unless known true. Its module (sympy
+    under it) is not imported with the package: half a second of every
+    process that imports it and traces no graph."""
+    if isinstance(cond, bool):
+        return cond
+    return torch.fx.experimental.symbolic_shapes.guard_or_false(cond)
+
+
 def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     """A C-contiguous numpy view of a CPU tensor (a copy only when the dtype or
     layout must change); inside a torch.func transform, of its :func:`values`."""

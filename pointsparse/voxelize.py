@@ -18,16 +18,6 @@ REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
 FLOAT_DTYPES = _ext.FLOAT_DTYPES
 
 
-def _guard_or_false(cond) -> bool:
-    """torch's ``guard_or_false``: a plain bool (eager) as it is; a symbolic
-    one (a graph's row count) False unless known true. Its module (sympy
-    under it) is not imported with the package: half a second of every
-    ``import pointsparse`` that runs no graph."""
-    if isinstance(cond, bool):
-        return cond
-    return torch.fx.experimental.symbolic_shapes.guard_or_false(cond)
-
-
 def _voxel_size(voxel_size) -> tuple[float, float, float]:
     """A positive number (Python, numpy or a 0-d tensor) or 3 of them."""
     message = f"voxel_size must be a positive number or 3 numbers; got {voxel_size!r}"
@@ -530,7 +520,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
                          f"{' ...' if len(items) > 5 else ''}, not item 0 alone; pass batch (each point's item, as "
                          "voxelize takes it)")
     batch = _check_batch_on(tensor, points, batch)
-    if _guard_or_false(tensor.coords.shape[0] == 0):  # (in a graph the count is a symbol: known non-empty there)
+    if _ext.guard_or_false(tensor.coords.shape[0] == 0):  # (in a graph the count is a symbol: known non-empty there)
         # nothing active anywhere: zeros, still attached to the graph
         return tensor.feats.new_zeros((points.shape[0], tensor.feats.shape[1])) + tensor.feats.sum(0)
     # weights in the wider precision of points and feats
@@ -627,7 +617,7 @@ def _nearest_kept(feats: torch.Tensor, rows: torch.Tensor, n, inverse: torch.Ten
     ``n``, by ``inverse`` into the ``n``: the kept row of each point's
     voxel, zeros where it was dropped."""
     rows = rows.to(feats.device)
-    if _guard_or_false(rows.shape[0] == 0):  # nothing kept: zeros, still attached to the graph
+    if _ext.guard_or_false(rows.shape[0] == 0):  # nothing kept: zeros, still attached to the graph
         return feats.new_zeros((inverse.shape[0], feats.shape[1])) + feats.sum(0)
     at = torch.full((n,), -1, dtype=torch.int64, device=feats.device)
     at = at.index_copy(0, rows, torch.arange(rows.shape[0], device=feats.device)).index_select(0, inverse)

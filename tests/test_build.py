@@ -371,10 +371,11 @@ def test_reuse_freed_memory_refuses_bools_and_floats(monkeypatch, bad):
 
 
 def test_importing_the_package_leaves_sympy_and_dynamo_out():
-    """``import pointsparse`` imported torch's symbolic shapes (and sympy under them) for one helper of
-    voxelize's graphs: half a second of every process that imports the package (a CLI call, a DataLoader
-    worker, each subprocess of this suite) and runs no graph. They load where a graph is traced."""
-    code = ("import sys, pointsparse\n"
+    """``import pointsparse`` (and its nn and models) imported torch's symbolic shapes (and sympy under them)
+    for one helper of voxelize's and VoxelPrune's graphs: half a second of every process that imports the
+    package (a CLI call, a DataLoader worker, each subprocess of this suite) and runs no graph. They load
+    where a graph is traced."""
+    code = ("import sys, pointsparse, pointsparse.nn, pointsparse.models\n"
             "left = [m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes', 'torch._dynamo') if m in sys.modules]\n"
             "print(left)\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

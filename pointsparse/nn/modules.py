@@ -7,8 +7,8 @@ import warnings
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
+from .. import _ext
 from ..kmap import _device, check_kernel
 from ..tensor import FEATS_DTYPES, SparseTensor, as_bool, as_float, as_triple, positive_int
 from . import functional as F
@@ -431,7 +431,7 @@ class VoxelPrune(nn.Module):
         tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
         scores = self.scores(x)  # (checks the feats against a learned score)
-        if guard_or_false(x.coords.shape[0] == 0):
+        if _ext.guard_or_false(x.coords.shape[0] == 0):
             # nothing to choose (a graph traced for 0 rows cannot lower an index into them): the empty tensor,
             # a copy as index_select makes for any other input (a view of the input's feats failed an in-place
             # layer after it where those feats are a leaf that requires grad)
