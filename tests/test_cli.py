@@ -105,13 +105,13 @@ def test_demo_default_plan_is_fixed_and_a_seed_repeats_exactly(tmp_path):
     for bad in ("nan", "0", "-1"):  # named as the user wrote it, not as the train flag it becomes
         with pytest.raises(ValueError, match="--minutes must be a finite number > 0"):
             demo.training_arguments(parser.parse_args(["--minutes", bad]))
-    flags = ("demo", "--epochs", "2", "--points", "1500", "--seed", "3", "--no-progress")
+    flags = ("demo", "--epochs", "1", "--points", "1500", "--seed", "3", "--no-progress")
     procs = [start(*flags, "--out", str(tmp_path / run)) for run in ("a", "b")]
     for proc in procs:
         rc, out, err = finish(proc, timeout=300)
         assert rc == 0, err[-3000:]
     a, b = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("a", "b"))
-    assert a["epochs"] == b["epochs"] == 2 and a["steps"] == b["steps"] == 24
+    assert a["epochs"] == b["epochs"] == 1 and a["steps"] == b["steps"] == 12
     assert a["history"]["step_loss"] == b["history"]["step_loss"]
     assert (a["miou"], a["per_class"], a["confusion"]) == (b["miou"], b["per_class"], b["confusion"])
 

@@ -993,7 +993,7 @@ def test_exported_program_runs_under_inference_mode(tmp_path):
     # torch.inference_mode makes the graph's pair tensors inference tensors, which keep no version counter:
     # the plan cache must not read one (it raised "Inference tensors do not track version counter")
     torch.manual_seed(0)
-    model = _trained_like(MinkUNet(3, 5, cr=0.25))
+    model = _trained_like(MinkUNet(3, 5, cr=0.25, blocks=1))
     export.save(export.export_model(model, _cloud(600, 1)), tmp_path / "m.pt2")
     program = export.ProgramModel.load(tmp_path / "m.pt2")
     for n, seed in ((500, 2), (800, 3)):
