@@ -85,7 +85,13 @@ def _glue_values(words: list[str], options) -> list[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The tool's parser. ``commands``: the names of the commands whose
+    modules are imported and whose options it takes (None: every one); the
+    others are listed with their help line only. :func:`main` imports just
+    the command typed (none for the tool's own help): every command's
+    module took a CLI call about 1.5 s more on 2 cores (torch's compiler,
+    imported by the pruning package, for ``pointsparse --help`` too)."""
     parser = argparse.ArgumentParser(
         prog="pointsparse",
         description="pointsparse: sparse 3-D convolution for point clouds, and pruning that makes models "
@@ -96,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=CommandParser)
     for name, module_name, help_text in COMMANDS:
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         # (the docstring's first paragraph, whole: its first line alone cut demo's sentence at a comma)
         first = (module.__doc__ or help_text).strip().split("\n\n")[0]
@@ -165,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     needs that is not installed: ``_ext.MissingExtra``) prints ``pointsparse <command>: error:
     <message>`` on stderr and returns 2, as argparse does for a bad flag,
     unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
-    parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    # (the command: the first word not an option; the tool's own options, -h alone, take no value)
+    typed = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser([typed] if typed in {name for name, _, _ in COMMANDS} else [])
+    args, extras = parser.parse_known_args(words)
     if extras:
         # The command's own usage and error line: argparse's parse_args reported the words the command did not
         # take with the program's usage, which shows none of the command's options. Words typed before the
