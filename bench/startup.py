@@ -65,26 +65,28 @@ def main() -> None:
     for tree in trees:
         if not (tree / "pointsparse" / "__init__.py").is_file() or not list((tree / "pointsparse").glob("_core*.so")):
             raise SystemExit(f"{tree}: no pointsparse package with its extension module built in it")
-    got = {(t, name): [] for t in trees for name, _ in CASES}
+    # (by the tree's place on the command line: one tree given twice, `. .`, is timed as two)
+    got = {(i, name): [] for i in range(len(trees)) for name, _ in CASES}
+    order = list(range(len(trees)))
     for r in range(args.rounds):
         for name, argv in CASES:
-            for tree in trees if r % 2 == 0 else trees[::-1]:  # (each tree first in every other round)
-                got[tree, name].append(run_once(tree, argv))
+            for i in order if r % 2 == 0 else order[::-1]:  # (each tree first in every other round)
+                got[i, name].append(run_once(trees[i], argv))
         print(f"round {r + 1}/{args.rounds}", flush=True)
 
     def median(tree, name, i):
         return statistics.median(x[i] for x in got[tree, name])
 
-    head = "| case | " + " | ".join(f"{t} wall s | CPU s" + (" | CPU ratio" if t != trees[0] else "")
-                                     for t in trees) + " |"
+    head = "| case | " + " | ".join(f"{t} wall s | CPU s" + (" | CPU ratio" if i else "")
+                                     for i, t in enumerate(trees)) + " |"
     lines = [f"### Fresh processes, medians of {args.rounds} interleaved rounds (ratio: the first tree's CPU "
              f"time over this one's)", "", head, "|" + "---|" * (1 + 2 * len(trees) + len(trees) - 1)]
     for name, _ in CASES:
         cells = []
-        for t in trees:
-            cells += [f"{median(t, name, 0):.2f}", f"{median(t, name, 1):.2f}"]
-            if t != trees[0]:
-                cells.append(f"{median(trees[0], name, 1) / median(t, name, 1):.2f}x")
+        for i in order:
+            cells += [f"{median(i, name, 0):.2f}", f"{median(i, name, 1):.2f}"]
+            if i:
+                cells.append(f"{median(0, name, 1) / median(i, name, 1):.2f}x")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     page = page_path(args.out, "startup.md", args.quick)
     write_markdown(page, "What a process pays to start on pointsparse",
