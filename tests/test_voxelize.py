@@ -355,6 +355,34 @@ def test_devoxelize_trilinear_matches_reference(dtype, stride, voxel_size):
     assert bool((out[len(points):][qb[len(points):] == 2] == 0).all())  # batch 2 has no voxels
 
 
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 3)])
+def test_trilinear_core_finds_every_corner_of_a_half_filled_grid(stride):
+    """The core searches a point's corners two by two along z (the second
+    key within st[2] places of the first's search) and four columns side by
+    side: on a grid where about half the voxels are active, in two batch
+    items, every corner pattern comes up, and the rows and weights are the
+    brute-force reference's (and the torch twin's) for points inside,
+    on the edges of and outside the grid."""
+    g = torch.Generator().manual_seed(70)
+    s = torch.tensor(stride)
+    cells = torch.stack(torch.meshgrid(*[torch.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([torch.cat([torch.full((len(cells), 1), b), cells * s], 1) for b in (0, 1)])
+    coords = coords[torch.rand(len(coords), generator=g) < 0.5].to(torch.int32)
+    x = ps.SparseTensor(torch.randn(len(coords), 3, generator=g, dtype=torch.float64), coords, stride)
+    points = (torch.rand(3000, 3, generator=g, dtype=torch.float64) * 10 - 5) * s
+    batch = torch.randint(0, 3, (3000,), generator=g)  # (item 2 holds no voxel)
+    got = ps.devoxelize(x, points=points, voxel_size=1.0, batch=batch, mode="trilinear")
+    want = trilinear_ref(points.numpy(), coords.numpy(), x.feats.numpy(), (1.0,) * 3, stride, batch.numpy())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    idx, w = V.trilinear_weights(x, points, 1.0, batch)
+    t_idx, t_w = V._trilinear_torch(x, points, (1.0,) * 3, batch)
+    assert torch.equal(idx, t_idx) and torch.equal(w, t_w)
+    found = (idx >= 0).sum(1)
+    assert set(found.tolist()) == set(range(9))  # (every count of active corners, 0 to 8)
+    pairs = (idx[:, 0::2] >= 0) * 2 + (idx[:, 1::2] >= 0)  # each column's pattern along z
+    assert set(pairs.reshape(-1).tolist()) == {0, 1, 2, 3}
+
+
 def test_devoxelize_trilinear_weights_sum_to_one_and_hit_own_voxel():
     points, feats, _ = cloud(300, seed=9)
     x, inverse = ps.voxelize(points, feats, voxel_size=0.4)

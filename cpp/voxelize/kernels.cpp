@@ -200,10 +200,28 @@ void reduce(const F* x, int64_t c, const int64_t* perm, const int64_t* seg, int6
   }
 }
 
+namespace {
+
+// std::lower_bound without branches on the comparisons (they become
+// conditional moves): a search over scattered keys mispredicts about half
+// its steps, which cost more than its loads.
+inline const int64_t* lower_bound_flat(const int64_t* first, int64_t n, int64_t key) {
+  if (n <= 0) return first;
+  while (n > 1) {
+    const int64_t half = n >> 1;
+    first = first[half] < key ? first + half : first;
+    n -= half;
+  }
+  return first + (*first < key);
+}
+
+}  // namespace
+
 template <typename F>
 void trilinear(const F* p, const int64_t* batch, int64_t n, const double* vs, const int64_t* st,
                const KeyLayout& layout, const int64_t* keys, const int64_t* rows, int64_t m, int64_t* idx, F* w,
                int nt) {
+  const int64_t* end = keys + m;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     double base[3], frac[3];
@@ -212,35 +230,68 @@ void trilinear(const F* p, const int64_t* batch, int64_t n, const double* vs, co
       base[a] = std::floor(u);
       frac[a] = u - base[a];
     }
-    // Weights in double: each is rounded to F once, after renormalising.
-    double weights[8];
-    double total = 0;
+    const int64_t b = batch ? batch[i] : 0;
+    int64_t key[8];
+    bool ok[8];
+    double weight[8];
     for (int corner = 0; corner < 8; ++corner) {
       int64_t q[3];
-      double weight = 1;
-      const int64_t b = batch ? batch[i] : 0;
-      bool ok = b <= layout.field_max(0);  // other batches hold no voxel
+      double wc = 1;
+      bool in = b <= layout.field_max(0);  // other batches hold no voxel
       for (int a = 0; a < 3; ++a) {
         const int bit = (corner >> (2 - a)) & 1;
         // Check the corner against the layout as a double before any integer
         // cast (exact: the bounds are below 2^53); outside it no voxel is active.
         const double qd = (base[a] + bit) * double(st[a]);
-        ok = ok && qd >= double(layout.origin[a]) && qd <= double(layout.origin[a] + layout.field_max(a + 1));
-        q[a] = ok ? int64_t(qd) : 0;
-        weight *= bit ? frac[a] : 1 - frac[a];
+        in = in && qd >= double(layout.origin[a]) && qd <= double(layout.origin[a] + layout.field_max(a + 1));
+        q[a] = in ? int64_t(qd) : 0;
+        wc *= bit ? frac[a] : 1 - frac[a];
       }
-      int64_t row = -1;
-      if (ok) {
-        const int64_t key = layout.pack(b, q[0], q[1], q[2]);
-        const int64_t* hit = std::lower_bound(keys, keys + m, key);
-        if (hit != keys + m && *hit == key) row = rows[hit - keys];
+      ok[corner] = in;
+      key[corner] = in ? layout.pack(b, q[0], q[1], q[2]) : 0;
+      weight[corner] = wc;
+    }
+    // The corners in 4 columns of 2 along z (corner 2c, 2c + 1). One search
+    // over all the keys a column, the four side by side (the same halving
+    // steps: four independent chains of loads), for its first active
+    // corner. z is the key's lowest field: the column's second key is the
+    // first's + st[2], within st[2] places after where the first's search
+    // ended (the keys are distinct), and is searched there alone.
+    int64_t target[4];
+    const int64_t* at[4];
+    for (int c = 0; c < 4; ++c) {
+      target[c] = ok[2 * c] ? key[2 * c] : key[2 * c + 1];
+      at[c] = keys;
+    }
+    if (m > 0) {
+      int64_t len = m;
+      while (len > 1) {
+        const int64_t half = len >> 1;
+        for (int c = 0; c < 4; ++c) at[c] = at[c][half] < target[c] ? at[c] + half : at[c];
+        len -= half;
       }
-      idx[8 * i + corner] = row;
-      weights[corner] = row >= 0 ? weight : 0.0;
-      total += weights[corner];
+      for (int c = 0; c < 4; ++c) at[c] += *at[c] < target[c];
+    }
+    int64_t row[8];
+    for (int c = 0; c < 4; ++c) {
+      const int lo = 2 * c, hi = 2 * c + 1;
+      row[lo] = row[hi] = -1;
+      const int64_t* found = at[c];
+      if (ok[lo]) {
+        if (found != end && *found == key[lo]) row[lo] = rows[found - keys];
+        if (ok[hi]) found = lower_bound_flat(found, std::min<int64_t>(end - found, key[hi] - key[lo] + 1), key[hi]);
+      }
+      if (ok[hi] && found != end && *found == key[hi]) row[hi] = rows[found - keys];
+    }
+    // Weights in double: each is rounded to F once, after renormalising.
+    double total = 0;
+    for (int corner = 0; corner < 8; ++corner) {
+      idx[8 * i + corner] = row[corner];
+      weight[corner] = row[corner] >= 0 ? weight[corner] : 0.0;
+      total += weight[corner];
     }
     for (int corner = 0; corner < 8; ++corner)
-      w[8 * i + corner] = total > 0 ? F(weights[corner] / total) : F(0);
+      w[8 * i + corner] = total > 0 ? F(weight[corner] / total) : F(0);
   }
 }
 
