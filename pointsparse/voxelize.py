@@ -465,6 +465,17 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     rebuilt from bare feats and coords (``SparseTensor(y.feats, y.coords)``)
     has no record: its ``inverse`` indexes its own rows.
     """
+    return _devoxelize(tensor, inverse, points, voxel_size, batch, mode)
+
+
+def _devoxelize(tensor: SparseTensor, inverse, points, voxel_size, batch, mode: str,
+                corners: list | None = None) -> torch.Tensor:
+    """:func:`devoxelize`; ``corners``, a list one caller keeps through one
+    forward (SPVCNN's), holds the trilinear corners and weights made for each
+    coords tensor it was given, so tensors on the same coords (the same
+    object, at one stride, read at the same points) reuse them rather than
+    searching again: the stem's output and the last decoder stage's share
+    the stride-1 coords."""
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if mode == "nearest":
@@ -519,13 +530,14 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
         raise ValueError(f"devoxelize(mode='trilinear'): the tensor holds batch items {items[:5]}"
                          f"{' ...' if len(items) > 5 else ''}, not item 0 alone; pass batch (each point's item, as "
                          "voxelize takes it)")
+    given = (points, batch)  # (as the caller holds them: the checks and casts below may make new tensors)
     batch = _check_batch_on(tensor, points, batch)
     if _ext.guard_or_false(tensor.coords.shape[0] == 0):  # (in a graph the count is a symbol: known non-empty there)
         # nothing active anywhere: zeros, still attached to the graph
         return tensor.feats.new_zeros((points.shape[0], tensor.feats.shape[1])) + tensor.feats.sum(0)
     # weights in the wider precision of points and feats
     wide = torch.promote_types(points.dtype, tensor.dtype)
-    idx, weight = _trilinear(tensor, points.to(wide), vs, batch)
+    idx, weight = _trilinear_kept(tensor, points.to(wide), vs, batch, corners, given)
     # float16 / bfloat16 feats interpolated in float32, the result rounded once (their weights and 8 products
     # rounded each: a constant field came back off by an ulp between voxels)
     compute = torch.promote_types(tensor.dtype, torch.float32)
@@ -639,6 +651,29 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
     _check_points(points)
     batch = _check_batch_on(tensor, points, batch)
     return _trilinear(tensor, points, vs, batch)
+
+
+def _trilinear_kept(tensor: SparseTensor, points: torch.Tensor, vs, batch, corners: list | None, given):
+    """:func:`_trilinear`, taken from ``corners`` where an entry was made for
+    the same coords object at the same stride, with the same points and
+    batch objects as the caller gave them (``given``), the same voxel size
+    and the same dtype of ``points``, and added to it otherwise (``corners``
+    None: made each time). Entries hold their tensors, so no other object
+    takes one's identity while the list lives. The list is one forward's:
+    nothing in it changes coords, points or batch in place (an inference
+    tensor keeps no version counter to tell). Not under dynamo: its trace
+    keeps tensors' identities its own way (an exported program, traced
+    without dynamo, does reuse them)."""
+    if corners is None or torch.compiler.is_dynamo_compiling():
+        return _trilinear(tensor, points, vs, batch)
+    held = (tensor.coords, given[0], given[1])
+    stamp = (tensor.stride, tuple(vs), points.dtype)
+    for entry, entry_stamp, made in corners:
+        if all(a is b for a, b in zip(entry, held)) and entry_stamp == stamp:
+            return made
+    made = _trilinear(tensor, points, vs, batch)
+    corners.append((held, stamp, made))
+    return made
 
 
 def _trilinear(tensor: SparseTensor, points: torch.Tensor, vs, batch):

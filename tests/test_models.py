@@ -309,6 +309,57 @@ def test_spvcnn_per_point_logits_and_backward():
         net(v, inv, pts[:2], torch.zeros(3, dtype=torch.long))
 
 
+def test_spvcnn_searches_the_stride_1_corners_once_a_forward(monkeypatch):
+    """The stem's output and the last decoder stage's are on the same
+    stride-1 coords: their trilinear corners were searched twice each
+    forward (4 searches for 3 strides). Once now, the logits as before, with
+    the gradient and in inference mode (whose tensors keep no version
+    counter)."""
+    import importlib
+
+    from pointsparse.models import SPVCNN
+
+    vox = importlib.import_module("pointsparse.voxelize")  # (the package's name voxelize is the function)
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(500, 3, generator=g) * 10
+    batch = (torch.arange(500) >= 300).long()
+    x, inverse = ps.voxelize(points, torch.randn(500, 4, generator=g), voxel_size=1.0, batch=batch)
+    torch.manual_seed(2)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1)
+    searched, search = [], vox._trilinear
+    monkeypatch.setattr(vox, "_trilinear", lambda t, *a: searched.append(t.stride) or search(t, *a))
+    feats = x.feats.clone().requires_grad_()
+    torch.manual_seed(3)  # (its dropout's draw)
+    out = net(x.with_feats(feats), inverse, points, batch)
+    assert sorted(searched) == [(1, 1, 1), (4, 4, 4), (16, 16, 16)], searched
+    out.square().sum().backward()
+    searched.clear()
+    with torch.inference_mode():
+        inferred = net.eval()(x, inverse, points, batch)
+    assert sorted(searched) == [(1, 1, 1), (4, 4, 4), (16, 16, 16)], searched
+    # each read made on its own (the memo given none) gives the same logits and gradient
+    monkeypatch.setattr(vox, "_trilinear_kept", lambda t, p, vs, b, corners, given: vox._trilinear(t, p, vs, b))
+    with torch.inference_mode():
+        assert torch.equal(net(x, inverse, points, batch), inferred)
+    searched.clear()
+    feats2 = x.feats.clone().requires_grad_()
+    torch.manual_seed(3)
+    out2 = net.train()(x.with_feats(feats2), inverse, points, batch)
+    out2.square().sum().backward()
+    assert len(searched) == 4 and torch.equal(out, out2) and torch.equal(feats.grad, feats2.grad)
+    # the memo itself: the same coords, points and batch objects reuse an entry; others do not
+    monkeypatch.undo()
+    corners, read = [], []
+    monkeypatch.setattr(vox, "_trilinear", lambda t, *a: read.append(1) or search(t, *a))
+    first = vox._devoxelize(x, None, points, 1.0, batch, "trilinear", corners)
+    assert torch.equal(vox._devoxelize(x.with_feats(x.feats * 2), None, points, 1.0, batch, "trilinear", corners),
+                       first * 2) and len(read) == 1
+    vox._devoxelize(x, None, points.clone(), 1.0, batch, "trilinear", corners)  # other points: searched
+    vox._devoxelize(x, None, points, 2.0, batch, "trilinear", corners)  # another voxel size: searched
+    vox._devoxelize(ps.SparseTensor(x.feats, x.coords.clone()), None, points, 1.0, batch, "trilinear", corners)
+    assert len(read) == 4  # (equal coords, another object: searched)
+
+
 @pytest.mark.parametrize("where", ["unet.stem", "unet.fuse.1"])
 def test_spvcnn_names_a_voxel_prune_that_dropped_the_voxels_of_its_points(where):
     """SPVCNN averages every point into the voxels after its bottleneck and

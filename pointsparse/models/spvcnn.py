@@ -13,7 +13,7 @@ from torch import nn
 from .. import coords as _coords
 from ..nn import functional as _F
 from ..tensor import SparseTensor, check_float_dtype
-from ..voxelize import devoxelize
+from ..voxelize import _devoxelize
 from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
 
 
@@ -251,9 +251,11 @@ class SPVCNN(nn.Module):
         # into the voxels.
         point_dtype, voxel_dtype = _weight_dtype(self.classifier), voxels.feats.dtype
 
+        corners: list = []  # (the stride-1 corners, made for the stem's output, serve the last stage's too)
+
         def to_points(t: SparseTensor) -> torch.Tensor:
-            return devoxelize(t.with_feats(t.feats.to(point_dtype)), points=points, voxel_size=1.0,
-                              batch=point_batch, mode="trilinear")
+            return _devoxelize(t.with_feats(t.feats.to(point_dtype)), None, points, 1.0, point_batch, "trilinear",
+                               corners)
 
         def to_voxels(t: SparseTensor, z: torch.Tensor) -> SparseTensor:
             y = _point_to_voxel(t, z, point_rows(t, point_coords))
