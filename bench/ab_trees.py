@@ -1,5 +1,5 @@
 """Two or more checkouts of the package timed on the north star's whole
-inference, in lockstep: each tree runs in a child process of its own (its
+inference (or an SPVCNN's: ``--model spvcnn``), in lockstep: each tree runs in a child process of its own (its
 ``pointsparse`` imported from that tree, its module built there), and the
 parent asks the children in turn for one run at a time, alternating their
 order every round, so that a slow phase of these virtual machines falls on
@@ -15,7 +15,10 @@ MinkUNet (``--model pairs-bf16``: "keep 0.25 + fuse + pair vectors 75% + bf16") 
 KITTI raw 000049 at 0.05 m: end to end from the points (voxelize, every map
 and plan, the network) and the network alone (maps cached). Every tree's
 logits must equal the first tree's bit for bit before any timing (the page
-says so, or gives the largest difference). ``--setup I 'SPATIAL = True'``
+says so, or gives the largest difference). ``--model spvcnn``: an unpruned
+SPVCNN (cr 0.5, 19 classes, eval mode, seeded alike in every tree) from the
+sweep's points to per-point logits (end to end: voxelize and the model's
+inputs made each run). ``--setup I 'SPATIAL = True'``
 adds VoxelPrune(0.5) before that child's three coarse decoder stages (as
 north_star.py's VoxelPrune rows). A tree of an earlier commit:
 ``git worktree add /tmp/old <commit>`` and its module built there (see
@@ -67,7 +70,32 @@ else:
     xyz, feats = inputs(np.fromfile(str(_common.kitti_path()), dtype=np.float32).reshape(-1, 4))
 base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
 x = ps.SparseTensor(base.feats, base.coords)
-nets, _ = _variants(x, [(0.25, 8)])
+nets, _ = _variants(x, [(0.25, 8)]) if which != "spvcnn" else ({}, None)
+if which == "spvcnn":  # --model spvcnn: SPVCNN(cr 0.5, 19 classes) in eval mode, seeded: the same weights in every tree
+    from pointsparse.data import Batch, Sample
+    from pointsparse.data.transforms import voxelize_sample
+    cloud = np.ascontiguousarray(xyz.numpy(), dtype=np.float32)
+
+    def point_inputs():
+        b = Batch.of([voxelize_sample(Sample(cloud, None), 0.05, 255)])
+        return b.input, b.inverse, b.points, b.point_batch
+
+    cached = point_inputs()
+    torch.manual_seed(0)
+    spv = ps.models.SPVCNN(cached[0].num_channels, 19, cr=0.5).eval()
+    with torch.no_grad():
+        spv(*cached)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            what = line.split()
+            if what[0] == "save":
+                np.save(what[1], spv(*point_inputs()).numpy())
+                print("saved", flush=True)
+                continue
+            t0 = time.perf_counter()
+            spv(*(point_inputs() if what[0] == "e2e" else cached))
+            print(time.perf_counter() - t0, flush=True)
+    sys.exit(0)
 if which == "pairs-bf16":
     dtype = torch.bfloat16
     model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), globals().get("AMOUNT", 0.75),
@@ -113,10 +141,12 @@ def main() -> None:
                              "1 'ps.reuse_freed_memory(True)' (a tree may be given twice); 1 'EXPORT = True' "
                              "times that child's model as an exported .pt2 program (north_star.Program); with --model "
                              "pairs-bf16, 1 'AMOUNT = 0.5' prunes that child's pair vectors by 0.5 instead of 0.75")
-    parser.add_argument("--model", choices=("vectors", "pairs-bf16"), default="vectors",
+    parser.add_argument("--model", choices=("vectors", "pairs-bf16", "spvcnn"), default="vectors",
                         help="vectors: the float32 keep 0.25 + fuse + vectors 75%% model (default); pairs-bf16: "
                              "its 16 x 2 vector blocks in bfloat16 (the bf16 kernels; needs AVX512-BF16 to run "
-                             "them, and trees whose prune.panel_structured takes rows)")
+                             "them, and trees whose prune.panel_structured takes rows); spvcnn: an unpruned "
+                             "SPVCNN (cr 0.5, 19 classes, eval mode, seeded) from the points to per-point logits "
+                             "(--setup code runs; its SPATIAL and EXPORT are not read)")
     parser.add_argument("--quick", action="store_true",
                         help="this tree against itself on a generated street, 1 round unless --rounds is given")
     args = parser.parse_args()
@@ -176,9 +206,10 @@ def main() -> None:
             k.stdin.close()
             k.wait()
     med = {key: float(np.median(v)) for key, v in times.items()}
-    name = "keep 0.25 + fuse + pair vectors 75% + bf16" if args.model == "pairs-bf16" else \
-        "keep 0.25 + fuse + vectors 75%"
-    lines = [f"### North star model ({name}), {'a generated street' if quick else 'KITTI raw 000049 at 0.05 m'}, "
+    name = {"pairs-bf16": "North star model (keep 0.25 + fuse + pair vectors 75% + bf16)",
+            "spvcnn": "SPVCNN (cr 0.5, unpruned, float32)"}.get(args.model,
+                                                                "North star model (keep 0.25 + fuse + vectors 75%)")
+    lines = [f"### {name}, {'a generated street' if quick else 'KITTI raw 000049 at 0.05 m'}, "
              f"{args.threads} threads, medians of {args.rounds} lockstep rounds", "",
              "| tree | logits vs the first | end to end ms | ratio | network alone ms | ratio |",
              "|---|---|---|---|---|---|"]

@@ -343,6 +343,19 @@ def test_a_page_records_a_command_a_shell_gives_back(tmp_path):
     assert shlex.split(line[len("Command: `"):-1]) == ["python", "bench/ab_trees.py", *argv]
 
 
+def test_ab_trees_times_an_spvcnn_from_the_points(tmp_path):
+    """``ab_trees.py --model spvcnn``: each tree's child builds the same
+    seeded SPVCNN, their per-point logits are compared, and both rows are
+    timed."""
+    page = tmp_path / "spvcnn.md"
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "ab_trees.py"), "--quick", "--model", "spvcnn",
+                           "--out", str(page)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = page.read_text()
+    assert "### SPVCNN (cr 0.5, unpruned, float32), a generated street" in text
+    assert text.count("| equal |") == 2 and text.count("| 1.00x |") >= 2
+
+
 def test_ab_trees_refuses_a_setup_for_no_tree(tmp_path):
     """``ab_trees.py --setup INDEX CODE``: an INDEX past the trees given was
     dropped silently (the run timed every tree without the setup asked for,
