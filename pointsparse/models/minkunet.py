@@ -9,6 +9,7 @@ import math
 from torch import nn
 
 from .. import nn as spnn
+from ..nn._hooks import SparseBackwardHooks
 from ..nn.fuse import has_hooks, has_output_hooks
 from ..tensor import SparseTensor, as_float, positive_int
 
@@ -16,7 +17,7 @@ from ..tensor import SparseTensor, as_float, positive_int
 BASE_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
 
 
-class ConvBlock(nn.Sequential):
+class ConvBlock(SparseBackwardHooks, nn.Sequential):
     """conv - batch norm - ReLU (``transposed=True`` for the upsampling)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, transposed: bool = False):
@@ -27,7 +28,7 @@ class ConvBlock(nn.Sequential):
         )
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(SparseBackwardHooks, nn.Module):
     """conv3-bn-relu-conv3-bn plus the identity (a 1x1 conv + bn when the
     channel count changes), then ReLU."""
 
@@ -154,7 +155,7 @@ def check_parameters(model: str, total: int, in_channels: int, num_classes: int,
                          "(use a smaller cr, blocks or channel count)")
 
 
-class MinkUNet(nn.Module):
+class MinkUNet(SparseBackwardHooks, nn.Module):
     """Sparse residual U-Net for per-voxel classification.
 
     Args:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import coords as _coords
 from ..nn import functional as _F
+from ..nn._hooks import SparseBackwardHooks
 from ..tensor import SparseTensor, check_float_dtype
 from ..voxelize import _devoxelize
 from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
@@ -192,7 +193,7 @@ def _point_mlp(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
 
 
-class SPVCNN(nn.Module):
+class SPVCNN(SparseBackwardHooks, nn.Module):
     """Point-voxel U-Net (same widths and ``cr`` as :class:`MinkUNet`, and
     the same limit on its parameter values in all, checked before building).
 

@@ -12,6 +12,7 @@ from .. import _ext
 from ..kmap import _device, check_kernel
 from ..tensor import FEATS_DTYPES, SparseTensor, as_bool, as_float, as_triple, positive_int
 from . import functional as F
+from ._hooks import SparseBackwardHooks
 
 
 def _check_input(x) -> SparseTensor:
@@ -145,7 +146,7 @@ def _factory_kwargs(device, dtype) -> dict:
 MAX_WEIGHT_ELEMENTS = 2**31
 
 
-class Conv3d(nn.Module):
+class Conv3d(SparseBackwardHooks, nn.Module):
     """Sparse 3-D convolution; ``weight`` is ``(K, C_in, C_out)`` (API.md).
 
     ``stride=1`` is submanifold (outputs on the input coords), ``stride>1``
@@ -321,7 +322,7 @@ def _scaled_norm(feats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(work / scale.unsqueeze(1), dim=1) * scale
 
 
-class VoxelPrune(nn.Module):
+class VoxelPrune(SparseBackwardHooks, nn.Module):
     """Spatial (activation) pruning: keeps the most important voxels of a
     SparseTensor and drops the rest (SPS-Conv, Ada3D).
 
@@ -477,7 +478,7 @@ def hooked_voxel_prune(module: nn.Module, prefix: str) -> str | None:
                 None)
 
 
-class VoxelSkip(nn.Module):
+class VoxelSkip(SparseBackwardHooks, nn.Module):
     """Spatial pruning that keeps every voxel: ``module`` (a submanifold
     branch, e.g. a residual block's convs) runs on the voxels a
     :class:`VoxelPrune` keeps and gives zero at the others, on the input's
@@ -605,7 +606,7 @@ class VoxelSkip(nn.Module):
         return other.with_feats(other.feats.to(dtype).index_add(0, rows, y.feats.to(dtype)))
 
 
-class _Pool3d(nn.Module):
+class _Pool3d(SparseBackwardHooks, nn.Module):
     function = staticmethod(F.max_pool3d)
 
     def __init__(self, kernel_size=2, stride=None, dilation=1) -> None:
@@ -622,7 +623,7 @@ class _Pool3d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(SparseBackwardHooks, nn.Module):
     """Instance normalisation over the feats of a SparseTensor: each batch
     item's sites normalised by the item's own mean and biased variance per
     channel (:func:`functional.instance_norm`; MinkowskiEngine's
@@ -672,7 +673,7 @@ class AvgPool3d(_Pool3d):
     function = staticmethod(F.avg_pool3d)
 
 
-class GlobalAvgPool(nn.Module):
+class GlobalAvgPool(SparseBackwardHooks, nn.Module):
     """Mean feats per batch item: a dense ``(B, C)`` tensor, a row for each batch
     item of the network's input (0 for one a ``VoxelPrune`` emptied)."""
 
@@ -680,7 +681,7 @@ class GlobalAvgPool(nn.Module):
         return F.global_avg_pool(_check_input(input))
 
 
-class GlobalMaxPool(nn.Module):
+class GlobalMaxPool(SparseBackwardHooks, nn.Module):
     """Channel-wise max per batch item: a dense ``(B, C)`` tensor, a row for each batch
     item of the network's input (0 for one a ``VoxelPrune`` emptied)."""
 
@@ -696,7 +697,7 @@ class BatchStatisticsError(ValueError):
     voxel size, the batch size) can say so."""
 
 
-class BatchNorm(nn.BatchNorm1d):
+class BatchNorm(SparseBackwardHooks, nn.BatchNorm1d):
     """Batch normalisation over the feats of a SparseTensor (every active site
     is one sample). A ``torch.nn.BatchNorm1d`` itself, so ``weight`` (gamma),
     ``bias``, running statistics and pruning criteria on BatchNorm apply.
@@ -754,7 +755,7 @@ class BatchNorm(nn.BatchNorm1d):
             f"small for the voxel size: batch more clouds or use a smaller voxel size{eval_hint}")
 
 
-class _Pointwise(nn.Module):
+class _Pointwise(SparseBackwardHooks, nn.Module):
     """Applies a feats-only torch module to a SparseTensor."""
 
     module_class: type[nn.Module] = nn.Identity
@@ -775,7 +776,12 @@ class _Pointwise(nn.Module):
         if isinstance(self.fn, nn.Linear):  # (a pruned one's weight_orig: its own hook runs after this check)
             weight = _live_weight(self.fn)
             _check_feats_for(self, x, weight.shape[1], "in_features", weight)
-        return x.with_feats(self.fn(x.feats))
+        feats = x.feats
+        if getattr(self.fn, "inplace", False) and feats.grad_fn is not None \
+                and feats.grad_fn.name() == "BackwardHookFunctionBackward":
+            # (the feats a module's full backward hook passed on, which autograd forbids changing in place)
+            feats = feats.clone()
+        return x.with_feats(self.fn(feats))
 
     def extra_repr(self) -> str:
         return self.fn.extra_repr()

@@ -1,0 +1,114 @@
+"""Full backward hooks on modules of SparseTensors.
+
+torch's ``register_full_backward_hook`` and
+``register_full_backward_pre_hook`` see the gradients of a module's tensor
+arguments and tensor outputs; a SparseTensor is neither, so torch warns that
+the output is not a tensor and the hooks never fire. The package's modules
+(:mod:`pointsparse.nn`'s and the model blocks of :mod:`pointsparse.models`)
+take :class:`SparseBackwardHooks` first among their bases: the same two
+methods, with the same signatures, handles and hook calls, where each
+SparseTensor argument or output stands for its ``feats`` (a tensor argument
+for itself, anything else None). ``grad_input`` and ``grad_output`` are
+then tuples of the feats' gradients, positional arguments only (as torch's),
+and a hook may return replacements as torch's may. torch's own class does the
+bookkeeping (``torch.utils.hooks.BackwardHook``): the feats pass through its
+identity function on the way in and out of the module, a forward pre-hook
+and a forward hook of the module's own (registered with the first backward
+hook) doing it.
+
+Not covered: torch's process-wide ``register_module_full_backward_hook``,
+and containers of torch's own (``nn.Sequential``) holding these modules;
+those still warn and do not fire.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch.utils.hooks import BackwardHook, RemovableHandle
+
+from ..tensor import SparseTensor
+
+_FULL = "_sparse_backward_hooks"
+_PRE = "_sparse_backward_pre_hooks"
+_CALLS = "_sparse_backward_calls"
+
+
+def _as_tensors(values: tuple) -> tuple:
+    """Each SparseTensor in ``values`` as its feats, the rest as they are."""
+    return tuple(v.feats if isinstance(v, SparseTensor) else v for v in values)
+
+
+def _put_back(values: tuple, tensors: tuple) -> tuple:
+    """``values`` with each SparseTensor's feats replaced by the tensor at its
+    place in ``tensors`` (on the same coords and cache), the rest taken from
+    ``tensors``."""
+    return tuple(v.with_feats(t) if isinstance(v, SparseTensor) else t for v, t in zip(values, tensors))
+
+
+def _hooks_of(module) -> tuple[list, list]:
+    full = module.__dict__.get(_FULL) or {}
+    pre = module.__dict__.get(_PRE) or {}
+    return list(full.values()), list(pre.values())
+
+
+def _wrap_inputs(module, args):
+    """The module's forward pre-hook: the feats of its positional arguments
+    through the call's BackwardHook (a new one per call, as torch makes)."""
+    full, pre = _hooks_of(module)
+    calls = module.__dict__.setdefault(_CALLS, [])
+    if not (full or pre) or not torch.is_grad_enabled():
+        calls.append(None)
+        return None
+    hook = BackwardHook(module, full, pre)
+    calls.append(hook)
+    return _put_back(args, hook.setup_input_hook(_as_tensors(args)))
+
+
+def _wrap_outputs(module, args, output):
+    """The module's forward hook: the output's feats (a SparseTensor, a
+    tensor, or a tuple of them) through the call's BackwardHook."""
+    calls = module.__dict__.get(_CALLS)
+    hook = calls.pop() if calls else None
+    if hook is None or output is None:
+        return None
+    if isinstance(output, tuple):
+        out = _put_back(output, hook.setup_output_hook(_as_tensors(output)))
+        return out if type(output) is tuple else type(output)(*out)  # (a named tuple's fields)
+    return _put_back((output,), (hook.setup_output_hook(_as_tensors((output,))[0]),))[0]
+
+
+class SparseBackwardHooks:
+    """Mixin (first among a module's bases): torch's full backward hooks on
+    a module whose arguments and outputs are SparseTensors (the module doc
+    above)."""
+
+    def register_full_backward_hook(self, hook, prepend: bool = False) -> RemovableHandle:
+        """As torch's: ``hook(module, grad_input, grad_output) -> tuple or
+        None``, called once the gradients of the module's inputs are
+        computed; a SparseTensor argument's or output's entry is its feats'
+        gradient."""
+        return self._add_sparse_backward_hook(_FULL, hook, prepend)
+
+    def register_full_backward_pre_hook(self, hook, prepend: bool = False) -> RemovableHandle:
+        """As torch's: ``hook(module, grad_output) -> tuple or None``, called
+        when the gradients of the module's outputs are computed, before its
+        inputs'; a SparseTensor output's entry is its feats' gradient."""
+        return self._add_sparse_backward_hook(_PRE, hook, prepend)
+
+    def _add_sparse_backward_hook(self, kind: str, hook, prepend: bool) -> RemovableHandle:
+        if not callable(hook):
+            raise TypeError(f"hook must be callable; got {type(hook).__name__}")
+        if _FULL not in self.__dict__ and _PRE not in self.__dict__:
+            # (module-level functions: the module still deep-copies and pickles with them)
+            self.register_forward_pre_hook(_wrap_inputs)
+            self.register_forward_hook(_wrap_outputs, always_call=True)  # (a forward that raised: its entry goes)
+        self.__dict__.setdefault(_FULL, OrderedDict())
+        self.__dict__.setdefault(_PRE, OrderedDict())
+        hooks = self.__dict__[kind]
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        if prepend:
+            hooks.move_to_end(handle.id, last=False)
+        return handle

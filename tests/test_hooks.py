@@ -1,0 +1,155 @@
+"""torch's full backward hooks on the package's modules of SparseTensors
+(pointsparse/nn/_hooks.py): torch warned that the output was no tensor and
+the hooks never fired."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import nn as spnn
+from reference import random_coords
+
+
+def make(n=200, c=4, extent=7, seed=0, dtype=torch.float64):
+    coords = random_coords(n, extent, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords)
+
+
+def _grads(module, x, weight_out, hooks=()):
+    """(feats' gradient, output, parameters' gradients) of sum(out * weight_out)."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.feats.detach().clone().requires_grad_()
+    out = module(x.with_feats(leaf))
+    feats = out.feats if isinstance(out, ps.SparseTensor) else out
+    (feats * weight_out).sum().backward()
+    return leaf.grad, feats.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+def test_conv3d_full_backward_hooks_see_the_feats_gradients_as_torch_gives_a_tensor_module_s():
+    torch.manual_seed(0)
+    x = make()
+    conv = spnn.Conv3d(4, 6, 3).double()
+    w_out = torch.randn(len(x), 6, dtype=torch.float64)
+    want_in, out, want_params = _grads(conv, x, w_out)
+    seen = []
+    pre = conv.register_full_backward_pre_hook(lambda m, go: seen.append(("pre", m, go)))
+    full = conv.register_full_backward_hook(lambda m, gi, go: seen.append(("full", m, gi, go)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's "module output should be a Tensor" no more)
+        got_in, got_out, got_params = _grads(conv, x, w_out)
+    assert torch.equal(got_out, out) and torch.equal(got_in, want_in)
+    assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
+    assert [s[0] for s in seen] == ["pre", "full"] and seen[0][1] is conv and seen[1][1] is conv
+    (grad_output,), (grad_input,), (grad_output2,) = seen[0][2], seen[1][2], seen[1][3]
+    assert torch.equal(grad_output, w_out) and torch.equal(grad_output2, w_out)
+    assert torch.equal(grad_input, want_in)
+    # a full hook's grad_input replaces the input's; a pre-hook's grad_output the output's
+    full.remove()
+    doubled = conv.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,))
+    assert torch.equal(_grads(conv, x, w_out)[0], 2 * want_in)
+    doubled.remove()
+    pre.remove()
+    conv.register_full_backward_pre_hook(lambda m, go: (torch.zeros_like(go[0]),))
+    got_in, _, got_params = _grads(conv, x, w_out)
+    assert not got_in.any() and not any(p.any() for p in got_params)
+
+
+def test_hooks_fire_in_order_and_go_with_their_handles():
+    x = make(c=3)
+    relu = spnn.ReLU()
+    order = []
+    a = relu.register_full_backward_hook(lambda m, gi, go: order.append("a"))
+    relu.register_full_backward_hook(lambda m, gi, go: order.append("b"))
+    relu.register_full_backward_hook(lambda m, gi, go: order.append("first"), prepend=True)
+    _grads(relu, x, torch.ones(len(x), 3, dtype=torch.float64))
+    assert order == ["first", "a", "b"]
+    a.remove()
+    order.clear()
+    _grads(relu, x, torch.ones(len(x), 3, dtype=torch.float64))
+    assert order == ["first", "b"]
+    with pytest.raises(TypeError, match="hook must be callable"):
+        relu.register_full_backward_hook("not a function")
+
+
+def test_only_positional_arguments_are_in_grad_input_and_a_tensor_output_is_itself():
+    torch.manual_seed(1)
+    x = make(c=4)
+    conv = spnn.Conv3d(4, 4, 3).double()
+    seen = []
+    conv.register_full_backward_hook(lambda m, gi, go: seen.append((gi, go)))
+    skip = x.feats.detach().clone().requires_grad_()
+    leaf = x.feats.detach().clone().requires_grad_()
+    conv(x.with_feats(leaf), add=x.with_feats(skip)).feats.sum().backward()
+    (gi, go), = seen
+    assert len(gi) == 1 and torch.equal(gi[0], leaf.grad) and len(go) == 1
+    assert torch.equal(skip.grad, torch.ones_like(skip))  # (the keyword argument's gradient, untouched)
+    # a pool to one row per item returns a tensor: grad_output is its gradient
+    pool = spnn.GlobalAvgPool()
+    pooled = []
+    pool.register_full_backward_hook(lambda m, gi, go: pooled.append((gi, go)))
+    leaf = x.feats.detach().clone().requires_grad_()
+    rows = pool(x.with_feats(leaf))
+    rows.sum().backward()
+    (gi, go), = pooled
+    items = int(x.coords[:, 0].max()) + 1
+    assert torch.equal(gi[0], leaf.grad) and torch.equal(go[0], torch.ones(items, 4, dtype=torch.float64))
+
+
+def test_a_hooked_batch_norm_before_an_in_place_relu_in_a_minkunet():
+    """Every BatchNorm of a MinkUNet hooked (each followed by an in-place
+    ReLU, which autograd refuses on a hooked module's output in torch's own
+    models): the same gradients as the model without hooks, each hook once."""
+    torch.manual_seed(2)
+    net = ps.models.MinkUNet(4, 3, cr=0.125, blocks=1).double()
+    x = make(400, 4, extent=20, seed=3)
+    w_out = torch.randn(len(x), 3, dtype=torch.float64)
+    want_in, out, want_params = _grads(net, x, w_out)
+    counts = {}
+    norms = [(name, m) for name, m in net.named_modules() if isinstance(m, spnn.BatchNorm)]
+    for name, m in norms:
+        m.register_full_backward_hook(lambda m, gi, go, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+    blocks = [m for m in net.modules() if isinstance(m, (ps.models.minkunet.ConvBlock, ps.models.minkunet.ResidualBlock))]
+    block_seen = []
+    for m in blocks:
+        m.register_full_backward_hook(lambda m, gi, go: block_seen.append(gi[0].shape))
+    net_seen = []
+    net.register_full_backward_hook(lambda m, gi, go: net_seen.append((gi[0], go[0])))
+    got_in, got_out, got_params = _grads(net, x, w_out)
+    assert torch.equal(got_out, out) and torch.equal(got_in, want_in)
+    assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
+    assert counts == {name: 1 for name, _ in norms} and len(block_seen) == len(blocks)
+    (gi, go), = net_seen
+    assert torch.equal(gi, want_in) and torch.equal(go, w_out)
+    # every module of the package in it hooked: still the same gradients
+    from pointsparse.nn._hooks import SparseBackwardHooks
+
+    hooked = [m for m in net.modules() if isinstance(m, SparseBackwardHooks)]
+    fired = []
+    for m in hooked:
+        m.register_full_backward_hook(lambda m, gi, go: fired.append(m))
+    got_in, got_out, got_params = _grads(net, x, w_out)
+    assert torch.equal(got_out, out) and torch.equal(got_in, want_in)
+    assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
+    assert len(fired) == len(hooked) > 60
+
+
+def test_a_hooked_module_copies_runs_without_gradients_and_after_a_forward_that_raised():
+    x = make(c=4, dtype=torch.float32)
+    conv = spnn.Conv3d(4, 2, 3)
+    fired = []
+    conv.register_full_backward_hook(lambda m, gi, go: fired.append(m))
+    with pytest.raises(ValueError):
+        conv(make(c=3, dtype=torch.float32))  # (3 channels for a 4-channel conv)
+    assert conv._sparse_backward_calls == []  # (the failed call's entry went with it)
+    with torch.no_grad():
+        assert conv(x).feats.shape == (len(x), 2)
+    assert conv._sparse_backward_calls == []
+    twin = copy.deepcopy(conv)  # torch's hooks are copied with a module: so are these
+    _grads(twin, x, torch.ones(len(x), 2))
+    assert fired == [twin]
