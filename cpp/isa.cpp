@@ -132,6 +132,18 @@ bool cpu_full_width() {
 // -1: the CPU's answer; 0 or 1: set_avx512_full_width's.
 std::atomic<int> g_full_width_set{-1};
 
+bool cpu_is_intel() {
+#if defined(PS_ISA_X86)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+// -1: the CPU's answer; 0 or 1: set_next_block_fetch's.
+std::atomic<int> g_next_fetch_set{-1};
+
 }  // namespace
 
 bool avx512_full_width_detected() {
@@ -145,6 +157,14 @@ bool avx512_full_width() {
 }
 
 void set_avx512_full_width(int value) { g_full_width_set.store(value < 0 ? -1 : value ? 1 : 0); }
+
+bool next_block_fetch() {
+  static const bool intel = cpu_is_intel();
+  const int set = g_next_fetch_set.load(std::memory_order_relaxed);
+  return set >= 0 ? set == 1 : intel;
+}
+
+void set_next_block_fetch(int value) { g_next_fetch_set.store(value < 0 ? -1 : value ? 1 : 0); }
 
 bool amx_bf16_runs() {
   static const bool amx = cpu_has_amx();

@@ -31,6 +31,15 @@ bool avx512_full_width_detected();
 // does not run); -1: the CPU's answer again. For tests and benchmarks
 // (pointsparse reads POINTSPARSE_AVX512_FULL_WIDTH at import).
 void set_avx512_full_width(int value);
+// Whether the vector-sparse and bf16 walks fetch the thread's next block's
+// opening rows into L2 during this block (apply_blocks' kNext, fused_kernels.h):
+// on Intel CPUs, where it took 5-6% off (an Intel Xeon), not on AMD's, where it
+// added 4-10% (an AMD EPYC Zen 5; bench/RESULTS.md stops 61 and 70). Asked
+// once; set_next_block_fetch overrides it (process-wide).
+bool next_block_fetch();
+// 1 or 0: next_block_fetch() answers that; -1: the CPU's answer again. For
+// tests and benchmarks.
+void set_next_block_fetch(int value);
 // Whether the CPU runs AMX-TILE and AMX-BF16 on top of that, and the OS lets
 // this process use the tiles (asked once, on the first call).
 bool amx_bf16_runs();

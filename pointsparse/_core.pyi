@@ -179,6 +179,17 @@ def set_avx512_full_width(value: int) -> None:
     does not run. pointsparse calls it at import from
     ``POINTSPARSE_AVX512_FULL_WIDTH``."""
 
+def next_block_fetch() -> bool:
+    """Whether the vector-sparse and bf16 walks fetch the thread's next
+    block's opening rows into L2 during this one: on Intel CPUs (where it
+    gained), not on AMD's (where it cost), or what ``set_next_block_fetch``
+    set."""
+
+def set_next_block_fetch(value: int) -> None:
+    """Overrides ``next_block_fetch`` (1 or 0; -1: the CPU's answer again),
+    process-wide; ValueError for another value. For tests and benchmarks:
+    the outputs are the same bits either way."""
+
 def conv_amx() -> bool:
     """Whether ConvPlan.forward_bf16's AMX form (tiles_width) runs here:
     AMX-TILE and AMX-BF16 on top of AVX512-BF16, and the OS's leave to use

@@ -126,6 +126,48 @@ def test_skipping_over_many_blocks_equals_the_dense_kernels_for_every_thread_cou
     torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_block_fetch_is_intel_s_and_changes_no_bit(dtype):
+    """The vector-sparse walks fetch the thread's next block's rows during
+    this one on Intel CPUs only (it cost 4-10% on an AMD Zen 5): the CPU's
+    answer, the override and its check, and on a map of many blocks the
+    same output bits with the fetch on and off, float32 and bf16 (where
+    AVX512-BF16 runs), 1 and 2 threads, against torch ops."""
+    core = ps._ext.core
+    if dtype == torch.bfloat16 and not core.conv_bf16():
+        pytest.skip("the CPU has no AVX512-BF16")
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    assert core.next_block_fetch() == intel
+    with pytest.raises(ValueError, match="value must be 1, 0 or -1"):
+        core.set_next_block_fetch(2)
+    x = make(n=6000, c=32, extent=40, dtype=torch.float32, seed=9)
+    kmap = ps.kmap.get_kmap(x, 3)
+    assert kmap.num_out > 8 * 512
+    conv = ps.nn.Conv3d(32, 32, 3, bias=True)
+    prune.panel_structured(conv, "weight", 0.75, panels=2)
+    prune.remove(conv, "weight")
+    assert _engine.choose_execution(conv.weight.detach()).vector  # (the float32 walk: vectors)
+    conv = conv.to(dtype)
+    xin = x.with_feats(x.feats.to(dtype))
+    outs, threads = {}, torch.get_num_threads()
+    try:
+        for fetch in (1, 0):
+            core.set_next_block_fetch(fetch)
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                with torch.no_grad():
+                    outs[fetch, nt] = conv(xin).feats
+    finally:
+        core.set_next_block_fetch(-1)
+        torch.set_num_threads(threads)
+    assert core.next_block_fetch() == intel
+    assert all(torch.equal(o, outs[1, 1]) for o in outs.values())
+    ref = conv_sum(xin.feats.double(), conv.weight.detach().double(), kmap) + conv.bias.detach().double()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outs[1, 1].double(), ref, rtol=tol, atol=tol)
+
+
 def _forward_and_input_grad(plan, feats, w, bias, g, isa, nt, vector, relu):
     active = _engine.choose_execution(w).active
     out = torch.full((plan.num_out, w.shape[2]), float("nan"), dtype=w.dtype)

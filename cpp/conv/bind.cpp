@@ -452,6 +452,19 @@ void bind_conv(py::module_& m) {
         "where the dense AVX-512 kernels gain most over the AVX2 vector-sparse kernels, so that the engine takes "
         "those at lower densities only (nn._engine.VECTOR_DENSITY), twin panels, and the AVX-512 vector kernels "
         "from one panel.");
+  m.def("next_block_fetch", [] { return next_block_fetch(); },
+        "Whether the vector-sparse and bf16 walks fetch the next block's opening rows into L2 during this one "
+        "(on Intel CPUs, where it gained; not on AMD's, where it cost), or what set_next_block_fetch set.");
+  m.def(
+      "set_next_block_fetch",
+      [](int value) {
+        if (value < -1 || value > 1)
+          throw py::value_error("set_next_block_fetch: value must be 1, 0 or -1 (the CPU's answer), got " +
+                                std::to_string(value));
+        set_next_block_fetch(value);
+      },
+      py::arg("value"), "Overrides next_block_fetch (1 or 0; -1: the CPU's answer again), process-wide: for "
+      "tests and benchmarks (the outputs are the same bits either way).");
   m.def("avx512_full_width_detected", [] { return avx512_full_width_detected(); },
         "What the CPU answers to avx512_full_width, whatever set_avx512_full_width set.");
   m.def(

@@ -705,7 +705,11 @@ struct NoFinish {
 // vectors 75% 0.948x; two threads 0.939 / 0.955x; C = 32 0.934 / 0.976x;
 // the bf16 kernels' vectors 75% 0.953x, their dense form 0.984x. At C =
 // 128 (512 KB of rows a block) twins 75% 0.99x, 50% 1.01-1.02x, vectors
-// 50% 1.02x: off there (kNextBytes). The float32 dense walk has none:
+// 50% 1.02x: off there (kNextBytes). On an AMD EPYC Zen 5 (stop 70, the
+// same command, two copies of each build in lockstep) it cost instead:
+// C = 64, two threads, twins 75% / 50% 1.08 / 1.09x the time, vectors
+// 75% / 50% 1.07 / 1.10x; one thread 1.01 / 1.06x and 1.05 / 1.04x; so
+// it runs on Intel CPUs only (next_block_fetch(), isa.h). The float32 dense walk has none:
 // with it (C = 64, two copies of each build) dense timed 0.96-1.01x and
 // offsets 75% 1.01-1.05x, where a second copy of the build without it
 // timed 1.03-1.04x: no gain out of the spread between processes. Needs the identity offset (the read rows
@@ -723,6 +727,7 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
   const int64_t ident = a.kc > 0 && pl.identity >= 0 && !skip(pl.identity) ? pl.identity : -1;
   const Out scratch = kScratch ? block_scratch(a) : nullptr;
   constexpr bool kDrain = kScratch && !std::is_same<std::decay_t<Args>, ApplyBf16Args>::value;
+  const bool next_fetch = kNext && next_block_fetch();  // (the CPU's kind: see kNext above)
 #pragma omp parallel num_threads(a.nt) if (blocks > 1)
   {
     // With a scratch: this thread's blocks of it (kDrain: two, one summed
@@ -750,7 +755,7 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
     // next block's runs not fetched yet (their next line and the bytes
     // left) and the lines fetched of each after a tile.
     const bool next_in_place = !kScratch && a.dst != nullptr;
-    const bool next_on = kNext && ident >= 0 &&
+    const bool next_on = kNext && ident >= 0 && next_fetch &&
                          (a.kc * int64_t(sizeof(*a.src)) + (next_in_place ? a.cols * int64_t(sizeof(*a.dst)) : 0)) *
                                  kBlockRows <=
                              kNextBytes;
