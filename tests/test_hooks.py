@@ -139,6 +139,27 @@ def test_a_hooked_batch_norm_before_an_in_place_relu_in_a_minkunet():
     assert len(fired) == len(hooked) > 60
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_in_place_relus_by_hooked_modules_eager_and_compiled(compiled):
+    """A hooked BatchNorm before an in-place ReLU, and a hooked in-place ReLU:
+    autograd refused the hook function's output changed in place (eager:
+    'is a view and is being modified inplace'; torch.compile: the same from
+    its fake tensors). The same output and gradient as without hooks."""
+    x = make(300, 4, extent=8, seed=4, dtype=torch.float32)
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.BatchNorm(8), spnn.ReLU(inplace=True), spnn.Conv3d(8, 2, 3))
+    w_out = torch.randn(len(x), 2)
+    want_in, want_out, _ = _grads(net, x, w_out)
+    seen = []
+    net[1].register_full_backward_hook(lambda m, gi, go: seen.append("bn"))
+    net[2].register_full_backward_hook(lambda m, gi, go: seen.append("relu"))
+    run = torch.compile(net, backend="eager") if compiled else net
+    got_in, got_out, _ = _grads(run, x, w_out)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_in, want_in, rtol=1e-5, atol=1e-5)
+    assert seen == ["relu", "bn"]
+
+
 def test_a_hooked_module_copies_runs_without_gradients_and_after_a_forward_that_raised():
     x = make(c=4, dtype=torch.float32)
     conv = spnn.Conv3d(4, 2, 3)

@@ -47,6 +47,16 @@ def _put_back(values: tuple, tensors: tuple) -> tuple:
     return tuple(v.with_feats(t) if isinstance(v, SparseTensor) else t for v, t in zip(values, tensors))
 
 
+def _owned(made: tuple, given: tuple) -> tuple:
+    """The tensors of ``made`` that the hook's identity function returned
+    for those of ``given``, cloned (the rest as they are): autograd forbids
+    changing a custom function's output in place, and a module may change
+    its input (an in-place ReLU, hooked) or the next module its output (a
+    hooked BatchNorm's, before an in-place ReLU), eager or compiled. The
+    gradients are the same (the clone passes them on unchanged)."""
+    return tuple(m.clone() if isinstance(m, torch.Tensor) and m is not g else m for m, g in zip(made, given))
+
+
 def _hooks_of(module) -> tuple[list, list]:
     full = module.__dict__.get(_FULL) or {}
     pre = module.__dict__.get(_PRE) or {}
@@ -63,7 +73,8 @@ def _wrap_inputs(module, args):
         return None
     hook = BackwardHook(module, full, pre)
     calls.append(hook)
-    return _put_back(args, hook.setup_input_hook(_as_tensors(args)))
+    given = _as_tensors(args)
+    return _put_back(args, _owned(hook.setup_input_hook(given), given))
 
 
 def _wrap_outputs(module, args, output):
@@ -73,10 +84,12 @@ def _wrap_outputs(module, args, output):
     hook = calls.pop() if calls else None
     if hook is None or output is None:
         return None
-    if isinstance(output, tuple):
-        out = _put_back(output, hook.setup_output_hook(_as_tensors(output)))
-        return out if type(output) is tuple else type(output)(*out)  # (a named tuple's fields)
-    return _put_back((output,), (hook.setup_output_hook(_as_tensors((output,))[0]),))[0]
+    given = _as_tensors(output if isinstance(output, tuple) else (output,))
+    made = hook.setup_output_hook(given) if isinstance(output, tuple) else (hook.setup_output_hook(given[0]),)
+    out = _put_back(output if isinstance(output, tuple) else (output,), _owned(made, given))
+    if not isinstance(output, tuple):
+        return out[0]
+    return out if type(output) is tuple else type(output)(*out)  # (a named tuple's fields)
 
 
 class SparseBackwardHooks:

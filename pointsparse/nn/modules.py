@@ -776,12 +776,7 @@ class _Pointwise(SparseBackwardHooks, nn.Module):
         if isinstance(self.fn, nn.Linear):  # (a pruned one's weight_orig: its own hook runs after this check)
             weight = _live_weight(self.fn)
             _check_feats_for(self, x, weight.shape[1], "in_features", weight)
-        feats = x.feats
-        if getattr(self.fn, "inplace", False) and feats.grad_fn is not None \
-                and feats.grad_fn.name() == "BackwardHookFunctionBackward":
-            # (the feats a module's full backward hook passed on, which autograd forbids changing in place)
-            feats = feats.clone()
-        return x.with_feats(self.fn(feats))
+        return x.with_feats(self.fn(x.feats))
 
     def extra_repr(self) -> str:
         return self.fn.extra_repr()
