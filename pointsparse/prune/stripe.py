@@ -51,23 +51,39 @@ def _fold_skeleton_left_by_remove(module, name: str) -> None:
     detach_filter_skeleton(module, name, fold=True)
 
 
-_fold_skeleton_left_by_remove = torch.compiler.disable(
-    _fold_skeleton_left_by_remove,
-    reason="a filter skeleton left by prune.remove folds into the weight (a write) at the next forward: call "
-           "prune.detach_filter_skeleton(module), or run one forward, before torch.compile(fullgraph=True)")
+_FOLD_REASON = ("a filter skeleton left by prune.remove folds into the weight (a write) at the next forward: call "
+                "prune.detach_filter_skeleton(module), or run one forward, before torch.compile(fullgraph=True)")
+#: ``torch.compiler.disable`` of :func:`_fold_skeleton_left_by_remove`, made
+#: with the process's first FilterSkeleton (made or unpickled: every one is
+#: made through ``__init__`` or ``__setstate__``), not at import: making it
+#: imports torch's compiler, 0.9 s of CPU that every ``pointsparse prune``
+#: paid (AMD EPYC Zen 5), where only a skeleton's maker needs it.
+_fold_outside_graphs = None
+
+
+def _folder():
+    global _fold_outside_graphs
+    if _fold_outside_graphs is None:
+        _fold_outside_graphs = torch.compiler.disable(_fold_skeleton_left_by_remove, reason=_FOLD_REASON)
+    return _fold_outside_graphs
 
 
 class FilterSkeleton:
     """The forward pre-hook applying a skeleton to ``module.name``."""
 
     def __init__(self, name: str, layout: WeightLayout) -> None:
+        _folder()
         self.name = name
         self.layout = layout
         self.hook_id: int | None = None
 
+    def __setstate__(self, state) -> None:  # (unpickled, deep-copied: the fold made outside graphs first)
+        self.__dict__.update(state)
+        _folder()
+
     def __call__(self, module, inputs):
         if self.name + "_orig" not in module._parameters:  # prune.remove made the mask permanent under it
-            _fold_skeleton_left_by_remove(module, self.name)
+            (_fold_outside_graphs or _folder())(module, self.name)
             return
         hooks = list(module._forward_pre_hooks.items())
         position = next(i for i, (key, _) in enumerate(hooks) if key == self.hook_id)
