@@ -663,6 +663,40 @@ def test_a_skeleton_left_by_remove_folds_under_torch_compile():
         assert not hasattr(module, "weight_skeleton")
 
 
+def test_an_unpickled_skeleton_makes_its_fold_outside_graphs(tmp_path):
+    """The fold's torch.compiler.disable is made with the process's first
+    FilterSkeleton, not at import (pointsparse prune's start imported
+    torch's compiler for it): a skeleton unpickled in a fresh process makes
+    it too (before a first compiled call could meet it unmade), and its
+    fold gives the forward of before the pickle."""
+    import pickle
+    import subprocess
+    import sys
+
+    make, x, forward = _skeleton_layer("conv3d")
+    module = make()
+    with torch.no_grad():
+        prune.attach_filter_skeleton(module).uniform_(0.2, 1.5)
+        want = forward(module, x)
+    prune.remove(module, "weight")
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps((module, x, want)))
+    code = ("import pickle, sys, torch\n"
+            "from pointsparse.prune import stripe\n"
+            "assert stripe._fold_outside_graphs is None and 'torch._dynamo' not in sys.modules\n"
+            "module, x, want = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            "assert stripe._fold_outside_graphs is not None\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(module(x), want)\n"
+            "assert not hasattr(module, 'weight_skeleton')\n"
+            "print('ok')\n")
+    import os
+
+    root = os.path.dirname(os.path.dirname(prune.__file__.rsplit(os.sep, 1)[0]))
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
 def test_filter_skeleton_prunes_a_kernel_region_conv_inside_its_region():
     """The skeleton's scales at the offsets outside a 'cross' conv's region
     get no gradient but the L1 penalty's, which drives them to 0:
