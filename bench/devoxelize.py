@@ -10,7 +10,9 @@ core's CSR product, to the same bits as its corners summed one by one.
 The cloud is KITTI raw 000049 at 0.05 m (a generated street of 20k voxels
 where the dataset is absent, or with ``--quick``), its points devoxelised
 from random feats of its voxels. Forward and forward + backward (the feats'
-gradient) are timed for each width, and a whole SPVCNN forward (eval mode,
+gradient) are timed for each width, the corner search alone
+(``trilinear_weights``: each point's 8 corner rows and weights) at strides
+1, 4 and 16 on one thread and the run's, and a whole SPVCNN forward (eval mode,
 its four devoxelisations among the rest) and training step (half the
 repeats) with the library's step against the same model with the gather
 put back in its place. Every output and
@@ -119,6 +121,22 @@ def main() -> None:
             rows.append(f"| {c} | {points.shape[0]} | {len(coords)} | {label} | {before * 1e3:.1f} "
                         f"| {after * 1e3:.1f} | {before / after:.2f}x | {err:.1e} |")
             print(rows[-1], flush=True)
+    # The corner search alone (trilinear_weights: each point's 8 corner rows and weights, the core's
+    # trilinear_neighbors), at the strides SPVCNN reads its points at, one thread and the run's threads.
+    search = ["| stride | voxels | points | corner search, 1 thread (ms) | corner search, "
+              f"{args.threads} threads (ms) |", "|---|---|---|---|---|"]
+    for s in (1, 4, 16):
+        grid = coords if s == 1 else torch.unique(
+            torch.cat([coords[:, :1], torch.div(coords[:, 1:], s, rounding_mode="floor") * s], 1), dim=0)
+        xs = ps.SparseTensor(torch.zeros(len(grid), 1), grid.to(torch.int32), s)
+        times = {}
+        for nt in (1, args.threads):
+            torch.set_num_threads(nt)
+            times[nt] = interleaved({0: lambda: V.trilinear_weights(xs, points, 1.0, point_batch)},
+                                    args.repeats)[0]
+        torch.set_num_threads(args.threads)
+        search.append(f"| {s} | {len(xs)} | {points.shape[0]} | {times[1] * 1e3:.1f} | {times[args.threads] * 1e3:.1f} |")
+        print(search[-1], flush=True)
     model = ps.models.SPVCNN(batch.input.num_channels, 19, cr=1.0).eval()
     inputs = (batch.input, batch.inverse, points, point_batch)
     with torch.inference_mode():
@@ -168,7 +186,8 @@ def main() -> None:
                f" --threads {args.threads}" + (" --quick" if args.quick else "")
                + (f" --out {shlex.quote(args.out)}" if args.out != "devoxelize.md" else ""))
     write_markdown(out, f"trilinear devoxelize corner by corner against the (N, 8, C) gather ({name} at 0.05 m)",
-                   command, environment(), ["\n".join(rows), "### A whole SPVCNN forward\n\n" + "\n".join(net)])
+                   command, environment(), ["\n".join(rows), "### The corner search (trilinear_weights)\n\n"
+                                            + "\n".join(search), "### A whole SPVCNN forward\n\n" + "\n".join(net)])
     print(f"written {out}")
 
 
