@@ -113,12 +113,11 @@ class SparseBackwardHooks:
     def _add_sparse_backward_hook(self, kind: str, hook, prepend: bool) -> RemovableHandle:
         if not callable(hook):
             raise TypeError(f"hook must be callable; got {type(hook).__name__}")
-        if _FULL not in self.__dict__ and _PRE not in self.__dict__:
+        if _FULL not in self.__dict__:  # (the first hook of either kind: both tables and the two runners)
+            self.__dict__[_FULL], self.__dict__[_PRE] = OrderedDict(), OrderedDict()
             # (module-level functions: the module still deep-copies and pickles with them)
             self.register_forward_pre_hook(_wrap_inputs)
             self.register_forward_hook(_wrap_outputs, always_call=True)  # (a forward that raised: its entry goes)
-        self.__dict__.setdefault(_FULL, OrderedDict())
-        self.__dict__.setdefault(_PRE, OrderedDict())
         hooks = self.__dict__[kind]
         handle = RemovableHandle(hooks)
         hooks[handle.id] = hook

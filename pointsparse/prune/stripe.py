@@ -83,7 +83,7 @@ class FilterSkeleton:
 
     def __call__(self, module, inputs):
         if self.name + "_orig" not in module._parameters:  # prune.remove made the mask permanent under it
-            (_fold_outside_graphs or _folder())(module, self.name)
+            _folder()(module, self.name)
             return
         hooks = list(module._forward_pre_hooks.items())
         position = next(i for i, (key, _) in enumerate(hooks) if key == self.hook_id)
