@@ -68,9 +68,6 @@ if quick or _common.kitti_path() is None:
     feats = torch.cat([xyz / 50.0, torch.rand(len(xyz), 1, generator=torch.Generator().manual_seed(0))], 1)
 else:
     xyz, feats = inputs(np.fromfile(str(_common.kitti_path()), dtype=np.float32).reshape(-1, 4))
-base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
-x = ps.SparseTensor(base.feats, base.coords)
-nets, _ = _variants(x, [(0.25, 8)]) if which != "spvcnn" else ({}, None)
 if which == "spvcnn":  # --model spvcnn: SPVCNN(cr 0.5, 19 classes) in eval mode, seeded: the same weights in every tree
     from pointsparse.data import Batch, Sample
     from pointsparse.data.transforms import voxelize_sample
@@ -96,6 +93,9 @@ if which == "spvcnn":  # --model spvcnn: SPVCNN(cr 0.5, 19 classes) in eval mode
             spv(*(point_inputs() if what[0] == "e2e" else cached))
             print(time.perf_counter() - t0, flush=True)
     sys.exit(0)
+base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
+x = ps.SparseTensor(base.feats, base.coords)
+nets, _ = _variants(x, [(0.25, 8)])
 if which == "pairs-bf16":
     dtype = torch.bfloat16
     model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), globals().get("AMOUNT", 0.75),
