@@ -174,3 +174,29 @@ def test_a_hooked_module_copies_runs_without_gradients_and_after_a_forward_that_
     twin = copy.deepcopy(conv)  # torch's hooks are copied with a module: so are these
     _grads(twin, x, torch.ones(len(x), 2))
     assert fired == [twin]
+
+
+def test_removing_the_last_hook_takes_the_runners_out_and_a_new_hook_fires_once():
+    x = make(c=4, dtype=torch.float32)
+    conv = spnn.Conv3d(4, 2, 3)
+    fired = []
+    full = conv.register_full_backward_hook(lambda m, gi, go: fired.append("full"))
+    pre = conv.register_full_backward_pre_hook(lambda m, go: fired.append("pre"))
+    assert len(conv._forward_pre_hooks) == 1 and len(conv._forward_hooks) == 1
+    full.remove()
+    assert len(conv._forward_pre_hooks) == 1  # (a hook is left: the runners stay)
+    pre.remove()
+    pre.remove()  # (twice, as torch's handles allow)
+    # the module as one never hooked: torch's fast call path, nothing of ours left in it
+    assert not conv._forward_pre_hooks and not conv._forward_hooks and not conv._forward_hooks_always_called
+    assert not any(key.startswith("_sparse_backward") for key in vars(conv))
+    _grads(conv, x, torch.ones(len(x), 2))
+    assert fired == []
+    conv.register_full_backward_hook(lambda m, gi, go: fired.append("again"))
+    _grads(conv, x, torch.ones(len(x), 2))
+    assert fired == ["again"]  # (once: one pair of runners)
+    # a handle kept past its module's life does no harm
+    other = spnn.ReLU()
+    handle = other.register_full_backward_hook(lambda m, gi, go: None)
+    del other
+    handle.remove()

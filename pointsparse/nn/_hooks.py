@@ -14,7 +14,8 @@ and a hook may return replacements as torch's may. torch's own class does the
 bookkeeping (``torch.utils.hooks.BackwardHook``): the feats pass through its
 identity function on the way in and out of the module, a forward pre-hook
 and a forward hook of the module's own (registered with the first backward
-hook) doing it.
+hook, removed with the last: a module whose hooks are all removed runs as
+one never hooked, on torch's fast call path) doing it.
 
 Not covered: torch's process-wide ``register_module_full_backward_hook``,
 and containers of torch's own (``nn.Sequential``) holding these modules;
@@ -23,6 +24,7 @@ those still warn and do not fire.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -33,6 +35,7 @@ from ..tensor import SparseTensor
 _FULL = "_sparse_backward_hooks"
 _PRE = "_sparse_backward_pre_hooks"
 _CALLS = "_sparse_backward_calls"
+_RUNNERS = "_sparse_backward_runners"  # (the ids of the two runners in the module's forward hook tables)
 
 
 def _as_tensors(values: tuple) -> tuple:
@@ -92,6 +95,37 @@ def _wrap_outputs(module, args, output):
     return out if type(output) is tuple else type(output)(*out)  # (a named tuple's fields)
 
 
+def _drop_runners_if_unhooked(module) -> None:
+    """The two runners and the tables out of ``module`` once it holds no
+    backward hook of either kind (the next hook registers them again)."""
+    full, pre = _hooks_of(module)
+    runners = module.__dict__.get(_RUNNERS)
+    if full or pre or runners is None:
+        return
+    before, after = runners
+    module._forward_pre_hooks.pop(before, None)
+    module._forward_hooks.pop(after, None)
+    module._forward_hooks_always_called.pop(after, None)
+    for key in (_FULL, _PRE, _RUNNERS, _CALLS):
+        module.__dict__.pop(key, None)
+
+
+class _HookHandle(RemovableHandle):
+    """torch's handle of one backward hook, whose ``remove`` also takes the
+    runners out of the module when it was the last hook (a weak reference:
+    the handle keeps no module alive; unpickled, it removes the hook only)."""
+
+    def __init__(self, hooks: OrderedDict, module) -> None:
+        super().__init__(hooks)
+        self._module_ref = weakref.ref(module)
+
+    def remove(self) -> None:
+        super().remove()
+        module = self._module_ref() if hasattr(self, "_module_ref") else None
+        if module is not None:
+            _drop_runners_if_unhooked(module)
+
+
 class SparseBackwardHooks:
     """Mixin (first among a module's bases): torch's full backward hooks on
     a module whose arguments and outputs are SparseTensors (the module doc
@@ -116,10 +150,11 @@ class SparseBackwardHooks:
         if _FULL not in self.__dict__:  # (the first hook of either kind: both tables and the two runners)
             self.__dict__[_FULL], self.__dict__[_PRE] = OrderedDict(), OrderedDict()
             # (module-level functions: the module still deep-copies and pickles with them)
-            self.register_forward_pre_hook(_wrap_inputs)
-            self.register_forward_hook(_wrap_outputs, always_call=True)  # (a forward that raised: its entry goes)
+            before = self.register_forward_pre_hook(_wrap_inputs)
+            after = self.register_forward_hook(_wrap_outputs, always_call=True)  # (a forward that raised: its entry goes)
+            self.__dict__[_RUNNERS] = (before.id, after.id)
         hooks = self.__dict__[kind]
-        handle = RemovableHandle(hooks)
+        handle = _HookHandle(hooks, self)
         hooks[handle.id] = hook
         if prepend:
             hooks.move_to_end(handle.id, last=False)
