@@ -229,6 +229,39 @@ def test_compress_keeps_a_layers_forward_hooks_on_its_output():
             assert len(compressed[0]._forward_hooks) == 1 and len(compressed[1].fn._forward_hooks) == 2
 
 
+def test_compress_carries_a_layers_backward_hooks_and_runs_them_once():
+    """A Conv3d's full backward hooks (on its SparseTensors' feats) were lost
+    by compress, which copied the two forward hooks that run them but not
+    the hooks: the compressed layer, whose engine gives input gradients,
+    never called them. They are registered on the compressed layer now, as
+    a Linear's torch hooks are on its SparseLinear, and fire once a
+    backward."""
+    torch.manual_seed(0)
+    x = _sparse_input(channels=4)
+    conv = psnn.Conv3d(4, 5, kernel_size=3, bias=True)
+    lin = torch.nn.Linear(5, 3)
+    seen = []
+    conv.register_full_backward_pre_hook(lambda m, go: seen.append(("conv pre", m)))
+    conv.register_full_backward_hook(lambda m, gi, go: seen.append(("conv", m, gi[0])))
+    lin.register_full_backward_hook(lambda m, gi, go: seen.append(("lin", m, gi[0])))
+    rows = torch.randn(6, 5)
+    for fmt in ("csr", "fkw"):
+        seen.clear()
+        compressed = F.compress(conv, fmt)
+        assert compressed.execution == "engine"
+        assert len(compressed._forward_pre_hooks) == 1 and len(compressed._forward_hooks) == 1  # (its own runners)
+        leaf = x.feats.clone().requires_grad_()
+        compressed(x.with_feats(leaf)).feats.sum().backward()
+        assert [s[:2] for s in seen] == [("conv pre", compressed), ("conv", compressed)]
+        torch.testing.assert_close(seen[1][2], leaf.grad)
+        seen.clear()
+        sparse_lin = F.compress(lin, fmt)
+        leaf = rows.clone().requires_grad_()
+        sparse_lin(leaf).sum().backward()
+        assert [s[:2] for s in seen] == [("lin", sparse_lin)]
+        torch.testing.assert_close(seen[0][2], leaf.grad)
+
+
 # ------------------------------------------------------------ load balance
 def test_imbalance_hand_counts():
     mask = torch.tensor([[1, 1, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]])

@@ -92,8 +92,10 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     module (``weight_orig * weight_mask``, zero outside a ``kernel_region``)
     is used, and a conv's ``kernel_region`` kept (the compressed conv runs
     and reports those offsets only, as the source does); the module is not
-    changed; its other forward pre-hooks (a VoxelPrune on its input) and its
-    forward hooks on the output run on the compressed layer too. Compressed modules save their
+    changed; its other forward pre-hooks (a VoxelPrune on its input), its
+    forward hooks on the output and its backward hooks (full or not, and
+    pre-hooks: a compressed conv's engine gives input gradients) run on the
+    compressed layer too. Compressed modules save their
     formats in ``state_dict`` (a pointsparse layer of the uncompressed model
     refuses that state, and a compressed one an uncompressed state, with a
     ValueError naming the layer), follow ``.to(dtype)``, ``.double()``,
@@ -218,19 +220,23 @@ def _with_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.n
     pruning's (a mask, a filter skeleton: the weight they compute is the
     one the format holds), and its forward hooks on the output, in their
     order, but the pruning's bookkeeping (``_detach_masked``: the format
-    holds no masked weight); returned."""
+    holds no masked weight), and its backward hooks (torch's, or the full
+    ones of a module of SparseTensors, without the forward hooks that run
+    those: ``compressed`` registers its own); returned."""
     from torch.nn.utils.prune import BasePruningMethod
 
+    from ..nn._hooks import RUNNERS, copy_backward_hooks  # noqa: PLC0415
     from ..prune._copyable import _detach_masked  # noqa: PLC0415 - the formats do not load the pruning package
     from ..prune.stripe import FilterSkeleton  # noqa: PLC0415
 
     for key, hook in module._forward_pre_hooks.items():
-        if not isinstance(hook, (BasePruningMethod, FilterSkeleton)):
+        if not isinstance(hook, (BasePruningMethod, FilterSkeleton)) and all(hook is not runner for runner in RUNNERS):
             compressed.register_forward_pre_hook(hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs)
     for key, hook in module._forward_hooks.items():  # (dropped before: a hook clamping the output, silently gone)
-        if hook is not _detach_masked:
+        if hook is not _detach_masked and all(hook is not runner for runner in RUNNERS):
             compressed.register_forward_hook(hook, with_kwargs=key in module._forward_hooks_with_kwargs,
                                              always_call=key in module._forward_hooks_always_called)
+    copy_backward_hooks(module, compressed)
     return compressed
 
 

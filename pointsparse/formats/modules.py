@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _ext
 from .. import kmap as _kmap
+from ..nn._hooks import SparseBackwardHooks
 from ..nn.reference import _autocast_dtype, autocast_input, conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor, as_bool, as_triple, positive_int
 from ._base import VALUE_DTYPES, SparseFormat, check_data, outside_transforms
@@ -384,7 +385,7 @@ def dense_weight(offsets) -> torch.Tensor:
 EXECUTIONS = ("engine", "format")
 
 
-class SparseConv3d(nn.Module):
+class SparseConv3d(SparseBackwardHooks, nn.Module):
     """A pointsparse ``Conv3d`` whose weight (K, C_in, C_out) is held in a
     sparse format: one ``W[o].T`` (C_out, C_in) per kernel offset, or for FKW
     one filter-kernel-weight array over the (C_out, C_in, K) weight.
@@ -409,7 +410,8 @@ class SparseConv3d(nn.Module):
     weights of the layer in ``prune.sparsity_report`` (its FLOPs and the
     engine's cost count the region only, as the source conv's do). The
     formats, the choice and the region are saved in ``state_dict`` (extra
-    state); ``.to(dtype)`` converts the formats' values as it does the bias."""
+    state); ``.to(dtype)`` converts the formats' values as it does the bias.
+    Full backward hooks see its feats' gradients, as a ``Conv3d``'s do."""
 
     def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
                  out_channels, bias=None, execution: str = "format", relu: bool = False,

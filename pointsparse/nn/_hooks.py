@@ -110,6 +110,31 @@ def _drop_runners_if_unhooked(module) -> None:
         module.__dict__.pop(key, None)
 
 
+#: The forward hooks that run a module's backward hooks (bookkeeping of this
+#: file's, not the user's: a copy of the module's hooks skips them).
+RUNNERS = (_wrap_inputs, _wrap_outputs)
+
+
+def copy_backward_hooks(source, target) -> None:
+    """Register on ``target``, in their order, the backward hooks the user
+    put on ``source``: the full ones and pre-hooks (this file's tables on a
+    module of SparseTensors, else torch's own) and torch's older
+    ``register_backward_hook`` ones."""
+    full, pre = _hooks_of(source)
+    if not (full or pre):
+        torch_hooks = list(source._backward_hooks.values())
+        pre = list(source._backward_pre_hooks.values())
+        if source._is_full_backward_hook:
+            full = torch_hooks
+        else:
+            for hook in torch_hooks:
+                target.register_backward_hook(hook)
+    for hook in full:
+        target.register_full_backward_hook(hook)
+    for hook in pre:
+        target.register_full_backward_pre_hook(hook)
+
+
 class _HookHandle(RemovableHandle):
     """torch's handle of one backward hook, whose ``remove`` also takes the
     runners out of the module when it was the last hook (a weak reference:
