@@ -12,6 +12,7 @@ import torch
 
 import pointsparse as ps
 from pointsparse import nn as spnn
+from pointsparse.nn import fuse
 from reference import random_coords
 
 
@@ -190,6 +191,7 @@ def test_removing_the_last_hook_takes_the_runners_out_and_a_new_hook_fires_once(
     # the module as one never hooked: torch's fast call path, nothing of ours left in it
     assert not conv._forward_pre_hooks and not conv._forward_hooks and not conv._forward_hooks_always_called
     assert not any(key.startswith("_sparse_backward") for key in vars(conv))
+    assert not fuse.has_hooks(conv)  # (fuse_for_inference folds it again: the runners had kept it unfolded)
     _grads(conv, x, torch.ones(len(x), 2))
     assert fired == []
     conv.register_full_backward_hook(lambda m, gi, go: fired.append("again"))
