@@ -464,6 +464,27 @@ def test_library_loaders_refuse_weights_that_hold_nan_or_inf(tmp_path, bad):
             load(path, allow_non_finite="yes")
 
 
+
+def test_library_loaders_refuse_a_negative_running_variance(tmp_path):
+    """A BatchNorm's running_var below zero (finite: the NaN check passed it)
+    loaded silently; every output was NaN, and predict wrote class 0 for
+    every point with exit code 0. The loaders refuse it, naming the file and
+    the tensor; allow_non_finite=True loads it to inspect it."""
+    from pointsparse import export
+    from pointsparse.models import MinkUNet, load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    weights = MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()
+    name = "stem.0.1.running_var"
+    weights[name].view(-1)[2] = -0.5
+    path = tmp_path / "negative.pt"
+    checkpoint.save(path, {"config": config, "model": weights})
+    for load in (load_model, export.load_checkpoint):
+        with pytest.raises(ValueError, match=rf"checkpoint .*negative.pt: {name} holds negative values, but a "
+                                             r"running variance is >= 0: a damaged file; .*allow_non_finite=True"):
+            load(path)
+    assert load_model(path, allow_non_finite=True).state_dict()[name][2] == -0.5
+
 def test_an_out_that_is_a_file_is_refused(tmp_path):
     """--out naming a file: a ValueError naming it (was FileExistsError from mkdir)."""
     path = tmp_path / "file.pt"

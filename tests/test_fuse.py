@@ -99,6 +99,11 @@ def test_fold_batchnorm_checks():
         spnn.fold_batchnorm(conv, spnn.BatchNorm(4, track_running_stats=False))
     with pytest.raises(ValueError, match="features"):
         spnn.fold_batchnorm(conv, spnn.BatchNorm(5))
+    damaged = spnn.BatchNorm(4).eval()
+    damaged.running_var[1] = -1.0  # (the fold wrote NaN into conv.weight, silently)
+    with pytest.raises(ValueError, match=r"bn\.running_var holds negative values"):
+        spnn.fold_batchnorm(conv, damaged)
+    assert torch.isfinite(conv.weight).all()
     # a conv whose ReLU runs in its store (fuse_for_inference's): relu(conv) then bn, which no fold gives
     # (it was folded as if the bn came before the ReLU)
     conv.relu = True

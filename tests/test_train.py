@@ -1113,6 +1113,13 @@ def test_init_refuses_a_checkpoint_whose_weights_hold_nan(tmp_path):
     with pytest.raises(ValueError, match=rf"--init {bad}: stem.0.0.weight holds NaN or inf"):
         tr.main(_parse([*TINY, "--epochs", "1", "--init", str(bad), "--out", str(out)]))
     assert not (out / "checkpoint.pt").exists()
+    # a negative running variance (finite): every output NaN as well
+    variance = state["model"]["stem.0.1.running_var"].clone()
+    variance[0] = -1.0
+    checkpoint.save(bad, dict(state, model=dict(state["model"], **{"stem.0.1.running_var": variance})))
+    with pytest.raises(ValueError, match=rf"--init {bad}: stem.0.1.running_var holds negative values"):
+        tr.main(_parse([*TINY, "--epochs", "1", "--init", str(bad), "--out", str(out)]))
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_init_from_a_checkpoint_of_the_out_folder_is_refused(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFi
 from ..data.datasets import is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE, MAX_RAYS
 from ..models import SyncBatchNorm, build_model, model_from_state
-from ..models.loading import non_finite_entry
+from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
@@ -1144,6 +1144,10 @@ class TrainingJob:
             if name is not None:  # (refused as eval, --resume and load_model refuse it: not trained from)
                 raise ValueError(f"--init {args.init}: {name} holds NaN or inf: the weights of a diverged run or a "
                                  "damaged file; start from an earlier checkpoint")
+            name = negative_variance_entry(source["model"])
+            if name is not None:
+                raise ValueError(f"--init {args.init}: {name} holds negative values, but a running variance is >= 0: "
+                                 "a damaged file; start from another checkpoint")
             unused: list[str] = []
             copied = init_from(self.model, source, self.classes, unused)
             renaming = init_renaming(self.model, source["model"])

@@ -430,8 +430,8 @@ def model_from_state(state: dict, *, allow_non_finite: bool = False) -> nn.Modul
     ``voxel_prune``) and the biases and pruning masks the weights carry; in
     the mode it was built in. A weight or statistic that holds NaN or inf (a
     diverged run's, a damaged file's: the model would run, every output NaN;
-    training refuses to write them) is a ValueError naming it, unless
-    ``allow_non_finite``."""
+    training refuses to write them), or a running variance below zero, is a
+    ValueError naming it, unless ``allow_non_finite``."""
     allow_non_finite = as_bool(allow_non_finite, "allow_non_finite")
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(
             state.get("model"), dict):
@@ -450,7 +450,23 @@ def model_from_state(state: dict, *, allow_non_finite: bool = False) -> nn.Modul
         raise ValueError(f"{name} holds NaN or inf: the weights of a diverged run or a damaged file; retrain (or "
                          "resume from an earlier checkpoint), or load it with pointsparse.models.load_model(path, "
                          "allow_non_finite=True) to inspect it")
+    name = None if allow_non_finite else negative_variance_entry(model.state_dict())
+    if name is not None:  # (every output NaN, and predict wrote class 0 for every point)
+        raise ValueError(f"{name} holds negative values, but a running variance is >= 0: a damaged file; load it "
+                         "with pointsparse.models.load_model(path, allow_non_finite=True) to inspect it")
     return model
+
+
+def negative_variance_entry(state: dict) -> str | None:
+    """The name of the first running variance (a ``*running_var`` entry of
+    the ``state_dict`` ``state``: a BatchNorm's, an InstanceNorm's) holding a
+    value below zero, or None. Such a normalisation divides by the square
+    root of a negative number: every output NaN, silently."""
+    for name, value in state.items():
+        if name.rsplit(".", 1)[-1] == "running_var" and isinstance(value, torch.Tensor) and \
+                value.is_floating_point() and bool((value < 0).any()):
+            return name
+    return None
 
 
 def non_finite_weight(model: nn.Module) -> str | None:

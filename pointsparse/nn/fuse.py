@@ -29,6 +29,9 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has {bn.num_features} features but conv {conv.out_channels} output channels")
+    if bool((bn.running_var.detach() < 0).any()):  # (the fold wrote NaN into conv.weight, silently)
+        raise ValueError("fold_batchnorm: bn.running_var holds negative values, but a running variance is >= 0 (a "
+                         "damaged state)")
     if conv.relu:  # relu(conv) then bn: no weight and bias give that
         raise ValueError("fold_batchnorm: conv runs a ReLU on its output (relu=True); a BatchNorm after the "
                          "ReLU cannot be folded into its weight and bias")
