@@ -63,6 +63,32 @@ def test_flops_reward_and_uniform_baseline():
     assert amc.flops_for(infos, {"0": u - 0.05, "2": u - 0.05}) > 0.5 * res.dense_flops
 
 
+
+@pytest.mark.parametrize("ratio", [-1.0, 1.5, float("nan")])
+def test_ratios_and_targets_outside_their_range_are_named(ratio):
+    """flops_for took a ratio of -3 (four times the dense FLOPs) or 5, and a
+    name of no group (ignored); uniform_ratio_for_flops a target of nan or
+    -1 (a ratio back); surgery.kept_count(8, -1) kept 16 of 8 channels.
+    Each is refused naming the argument."""
+    from pointsparse.prune import surgery
+
+    net = mlp(0, widths=(8, 16, 16, 3))
+    infos = amc.layer_infos(net, torch.randn(4, 8))
+    with pytest.raises(ValueError, match=rf"ratios\['0'\]: ratio must be in \[0, 1\]; got {ratio}"):
+        amc.flops_for(infos, {"0": ratio})
+    with pytest.raises(ValueError, match=rf"ratio must be in \[0, 1\]; got {ratio}"):
+        surgery.kept_count(8, ratio)
+    with pytest.raises(ValueError, match="target_flops must be a finite number >= 0"):
+        amc.uniform_ratio_for_flops(infos, ratio if ratio != 1.5 else -5.0)
+    with pytest.raises(ValueError, match="ratios names 'nope', no channel group of these layers"):
+        amc.flops_for(infos, {"nope": 0.5})
+    with pytest.raises(ValueError, match="max_ratio must be a number in"):
+        amc.uniform_ratio_for_flops(infos, 10.0, max_ratio=1.0)
+    with pytest.raises(ValueError, match="channels must be an int >= 1"):
+        surgery.kept_count(0, 0.5)
+    assert surgery.kept_count(8, 1.0) == 1 and surgery.kept_count(5, 0.5) == 3
+
+
 def test_sparse_chain_with_reconstruction():
     net = sparse_chain(width=8)
     x = sparse_input(n=120)

@@ -175,6 +175,8 @@ def test_random_masks_like_takes_a_dict_of_tensors():
         lottery.random_masks_like([torch.ones(2, 2)])
     with pytest.raises(TypeError, match="seed must be an int >= 0; got 'a'"):  # torch's RuntimeError
         lottery.random_masks_like({"a": torch.ones(2, 2)}, seed="a")
+    with pytest.raises(ValueError, match=r"mask_dict\['a'\] must hold only 0 and 1"):  # (0.5 counted as kept)
+        lottery.random_masks_like({"a": torch.full((2, 2), 0.5)})
     with pytest.raises(TypeError, match=r"state must be a dict \{name: tensor\} .*; got list"):  # AttributeError
         lottery.rewind(mlp(0), [1, 2])
     out = lottery.random_masks_like({"a": torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)})

@@ -117,9 +117,22 @@ def _coupled_infos(model, example_input, report) -> list[LayerInfo]:
 def flops_for(infos: list[LayerInfo], ratios: dict[str, float]) -> float:
     """FLOPs of the network after removing ``ratios[group]`` of each group's
     channels (each layer scales with its kept output channels and the kept
-    share of its inputs)."""
+    share of its inputs). A ratio for a name that is no group of ``infos``
+    is a ValueError (it was ignored), a ratio outside [0, 1] one too
+    (:func:`kept_count`)."""
     sizes = {i.out_group: i.group_size or i.out_channels for i in infos if i.out_group}
-    kept = {g: kept_count(n, ratios.get(g, 0.0)) / n for g, n in sizes.items()}
+    if not isinstance(ratios, Mapping):
+        raise TypeError(f"ratios must be a dict {{group name: ratio}}; got {type(ratios).__name__}")
+    unknown = [g for g in ratios if g not in sizes]
+    if unknown:
+        raise ValueError(f"ratios names {unknown[0]!r}, no channel group of these layers (groups: "
+                         f"{', '.join(map(repr, list(sizes)[:8]))}{', ...' if len(sizes) > 8 else ''})")
+    kept = {}
+    for g, n in sizes.items():
+        try:
+            kept[g] = kept_count(n, ratios.get(g, 0.0)) / n
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"ratios[{g!r}]: {error}") from None
     total = 0.0
     for i in infos:
         f_out = kept[i.out_group] if i.out_group else 1.0
@@ -138,7 +151,11 @@ def _flops_floor(infos: list[LayerInfo], max_ratio: float = DEFAULT_MAX_RATIO) -
 
 def uniform_ratio_for_flops(infos: list[LayerInfo], target_flops: float, max_ratio: float = 0.95) -> float:
     """The single ratio for every producer whose FLOPs come closest to
-    ``target_flops`` from below (bisection)."""
+    ``target_flops`` from below (bisection). ``target_flops`` a finite
+    number >= 0, ``max_ratio`` in [0, 1) (a ValueError naming either: nan
+    and -1 gave a ratio)."""
+    target_flops = check_real(target_flops, "target_flops", "a finite number >= 0", lambda v: v >= 0)
+    max_ratio = check_real(max_ratio, "max_ratio", "a number in [0, 1)", lambda v: 0 <= v < 1)
     producers = [i.name for i in infos if i.producer]
     lo, hi = 0.0, max_ratio
     for _ in range(40):

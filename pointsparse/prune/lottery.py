@@ -124,6 +124,8 @@ def random_masks_like(mask_dict: dict[str, torch.Tensor], seed: int = 0,
     for name, m in mask_dict.items():
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"mask_dict[{name!r}] must be a mask tensor; got {type(m).__name__}")
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):  # (0.5 counted as kept, silently)
+            raise ValueError(f"mask_dict[{name!r}] must hold only 0 and 1 (or be a bool tensor), as apply_masks takes")
     used = {}
     if model is not None:
         for name, module in prunable_layers(model, list(mask_dict)):

@@ -484,9 +484,14 @@ def kept_count(channels: int, ratio: float) -> int:
     """Channels left after removing a fraction ``ratio`` (at least one),
     rounded as :func:`pointsparse.prune.graph.kept_count` rounds a coupled
     group's (a tie keeps the larger count), so that a chain and the coupled
-    group of the same producer keep as many channels."""
+    group of the same producer keep as many channels. ``channels`` an int
+    >= 1, ``ratio`` in [0, 1] (a ValueError / TypeError naming it: -1 kept
+    twice the channels, nan raised int()'s error)."""
+    if isinstance(channels, bool) or as_int(channels, "channels") < 1:
+        raise ValueError(f"channels must be an int >= 1; got {channels!r}")
+    ratio = check_fraction(ratio, "ratio", high_open=False)
     # (Python's round, half to even, kept 2 of 5 channels at 0.5 where the coupled path keeps 3)
-    return max(1, _nearest(channels * (1.0 - ratio)))
+    return max(1, _nearest(int(channels) * (1.0 - ratio)))
 
 
 # ----------------------------------------------------------------- least squares
