@@ -1007,3 +1007,20 @@ def test_global_structured_vectors_take_the_layout_it_hands_on():
     prune.global_structured([(a, "weight"), (b, "weight")], prune.VectorStructured, amount=2, axis=1, layout=layout)
     # vectors along axis 1 are rows: norms a 10, 26, 42; b 58, 74 -> a's first two rows go
     assert a.weight_mask.sum(1).tolist() == [0.0, 0.0, 4.0] and bool(b.weight_mask.all())
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("channel_structured", {"amount": 0.5}), ("kernel_structured", {"amount": 0.5}),
+    ("vector_structured", {"amount": 0.5}), ("block_structured", {"amount": 0.5}),
+    ("stripe_structured", {"amount": 0.5}), ("panel_structured", {"amount": 0.5}),
+    ("nm_structured", {"n": 2, "m": 4})])
+def test_a_meta_weight_is_named_by_every_granularity(method, kwargs):
+    """A meta layer (``device="meta"``: shape only) raised torch's
+    ``Tensor.item() cannot be called on meta tensors`` from inside the
+    region check; each method names the tensor now, and leaves it unpruned."""
+    from pointsparse import nn as spnn
+
+    for layer, what in ((spnn.Conv3d(8, 8, 3, device="meta"), "Conv3d"), (nn.Linear(8, 8, device="meta"), "Linear")):
+        with pytest.raises(ValueError, match=rf"^{what}\.weight is a meta tensor \(shape only, no data\)"):
+            getattr(prune, method)(layer, "weight", **kwargs)
+        assert not hasattr(layer, "weight_mask") and isinstance(layer.weight, nn.Parameter)

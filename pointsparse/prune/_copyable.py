@@ -82,9 +82,10 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
-        from .adapters import check_maskable, weight_now  # noqa: PLC0415 - adapters imports this module
+        from .adapters import check_has_values, check_maskable, weight_now  # noqa: PLC0415 - adapters imports this module
 
         check_maskable(module, name)
+        check_has_values(module, name)
         if importance_scores is not None:
             _check_scores(module, name, importance_scores)
         elif isinstance(module._parameters.get(name + "_orig"), torch.Tensor):

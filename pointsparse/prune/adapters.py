@@ -309,6 +309,17 @@ def check_maskable(module, name) -> None:
                         f"its value (torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})), then prune")
 
 
+def check_has_values(module, name) -> None:
+    """A ValueError where ``module.name`` (its stored tensor) is a meta tensor:
+    shape only, nothing for a pruning method to rank (torch's
+    ``Tensor.item() cannot be called on meta tensors`` from deep inside)."""
+    weight = raw(module, name)
+    if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+        raise ValueError(f"{type(module).__name__}.{name} is a meta tensor (shape only, no data): pruning ranks its "
+                         "values; initialise or load real weights first (module.to_empty(device='cpu') and an init, "
+                         "or load_state_dict)")
+
+
 def stored(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """:func:`check_target`, then the stored tensor ``name`` (:func:`raw`);
     the TypeError of :func:`no_tensor` where ``module`` holds none (a ReLU,

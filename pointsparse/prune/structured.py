@@ -29,8 +29,8 @@ import torch
 from ..tensor import as_bool, as_int, positive_int
 from ._copyable import CopyableMethod, _check_scores
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import (WeightLayout, check_layout, check_maskable, dense_layout, is_layer, layout_of, no_tensor, raw,
-                       stored, used_mask)
+from .adapters import (WeightLayout, check_has_values, check_layout, check_maskable, dense_layout, is_layer, layout_of,
+                       no_tensor, raw, stored, used_mask)
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -269,6 +269,7 @@ def _used_kernel_positions(module, name: str, layout: WeightLayout) -> torch.Ten
     ``kernel_region`` conv's offsets), or None when all do."""
     if name != "weight" or not is_layer(module) or not layout.kernel_axes:
         return None
+    check_has_values(module, name)  # (before the region's host read, torch's error on meta)
     used = used_mask(module)
     if bool(used.all()):  # (a weight of no entries too: its positions hold none, and are no region's)
         return None
