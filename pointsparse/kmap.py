@@ -264,6 +264,9 @@ class KernelMap:
         return bool(up.all())
 
     def to(self, device) -> "KernelMap":
+        """A copy on ``device`` (a ``torch.device`` or a name: TypeError /
+        ValueError naming it, as ``SparseTensor.to``)."""
+        device = _device(device)
         return KernelMap(self.out_coords.to(device), self.in_idx.to(device), self.out_idx.to(device), self.sizes,
                          self.offsets, self.num_in, self.num_out, self.key)
 

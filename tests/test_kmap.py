@@ -1463,3 +1463,13 @@ def test_build_takes_api_md_positional_order_and_pairs_are_int64(method):
         assert torch.equal(coords[i, 1:] - kmap.out_coords[j, 1:], expected)
     default = km.build(coords)  # kernel 3, stride 1, dilation 1, tensor stride 1
     assert default.kernel_volume == 27 and torch.equal(default.out_coords, coords)
+
+
+@pytest.mark.parametrize("device, error", [("banana", ValueError), (None, TypeError), (1.5, TypeError)])
+def test_a_kernel_map_to_a_device_that_is_none_is_named(device, error):
+    """torch's bare RuntimeError ("Expected one of cpu, cuda, ...") before;
+    SparseTensor.to named it already."""
+    kmap = km.build(torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32), 3)
+    with pytest.raises(error, match="device must be a torch.device or a device name"):
+        kmap.to(device)
+    assert kmap.to("cpu").num_pairs == kmap.num_pairs

@@ -592,3 +592,32 @@ def test_linear_names_fn_where_its_weight_is_asked_for():
     x = make(c=4, dtype=torch.float32)
     assert torch.equal(layer(x).feats, torch.nn.functional.linear(x.feats, layer.fn.weight, layer.fn.bias))
     assert int((layer.fn.weight == 0).sum()) == 6
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: spnn.BatchNorm(8, momentum="a"), TypeError, "momentum must be a real number"),
+    (lambda: spnn.BatchNorm(8, 1e-5, 2.0), ValueError, r"momentum must be a number in \[0, 1\] or None; got 2.0"),
+    (lambda: spnn.BatchNorm(8, eps=-1), ValueError, "eps must be a positive finite number; got -1"),
+    (lambda: spnn.BatchNorm(8, affine="no"), TypeError, "affine must be True or False"),
+    (lambda: spnn.BatchNorm(8, track_running_stats=1.0), TypeError, "track_running_stats must be True or False"),
+    (lambda: spnn.GELU(approximate="foo"), ValueError, "approximate must be 'none' or 'tanh'; got 'foo'"),
+    (lambda: spnn.LeakyReLU("a"), TypeError, "negative_slope must be a real number"),
+    (lambda: spnn.ELU(alpha=float("nan")), ValueError, "alpha must be a finite number"),
+    (lambda: spnn.ReLU(inplace="yes"), TypeError, "inplace must be True or False"),
+    (lambda: spnn.Linear(4, 2, bias="no"), TypeError, "bias must be True or False"),
+    (lambda: spnn.Linear(4, 2, "no"), TypeError, "bias must be True or False"),
+])
+def test_module_options_torch_keeps_as_given_are_named_at_construction(make, error, match):
+    """torch keeps these options as given: momentum="a" and eps=-1 failed
+    in the first forward (torch's positional TypeError, its ValueError),
+    GELU's approximate="foo" there with a RuntimeError, bias="no" and
+    affine="no" made weights (truthy). Refused where the module is made."""
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_module_options_in_range_still_build():
+    assert spnn.BatchNorm(8, momentum=None).momentum is None
+    assert spnn.BatchNorm(8, 1e-3, 0.5, False, False).affine is False
+    assert spnn.LeakyReLU(0.2).fn.negative_slope == 0.2 and spnn.GELU("tanh").fn.approximate == "tanh"
+    assert spnn.Linear(4, 2, False).fn.bias is None and spnn.ReLU(True).fn.inplace is True

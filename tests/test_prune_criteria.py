@@ -480,3 +480,14 @@ def test_normalize_takes_16_bit_scores_in_float32(dtype, how):
     out = criteria.normalize(scores, how)[(layer, "weight")]
     assert out.dtype == torch.float32
     assert out[0, 0] > out[0, 1] > out[1, 0] > out[1, 1]
+
+
+def test_bn_scaling_names_what_is_no_model_or_pairs():
+    conv = SparseConv(2, 3, 3)
+    with pytest.raises(TypeError, match="model_or_pairs must be a model or .* pairs; got str"):
+        criteria.bn_scaling("x")
+    with pytest.raises(TypeError, match=r"model_or_pairs\[0\] must be a \(layer, batchnorm\) pair of modules; got "
+                                        "Conv3d"):  # (Python's 'cannot unpack non-iterable')
+        criteria.bn_scaling([conv])
+    with pytest.raises(TypeError, match=r"model_or_pairs\[0\] must be a \(layer, batchnorm\) pair"):
+        criteria.bn_scaling([(conv, "bn")])

@@ -443,3 +443,8 @@ def test_layer_magnitude_prune_gives_tied_layers_one_mask():
     assert int((net[0].weight_mask == 0).sum()) == 8 and int((net[2].weight_mask == 0).sum()) == 8
     with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight"):
         procedure.layer_magnitude_prune(_tied_mlp(), 0.5, layers=["0"])
+
+
+def test_snapshot_names_a_model_that_is_no_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got str"):  # (an AttributeError)
+        lottery.snapshot("m")

@@ -355,3 +355,9 @@ def test_least_latency_is_rest_plus_each_layer_s_fastest_entry():
     net = sparse_chain(width=8)
     built = netadapt.build_latency_table(net, sparse_input(n=200, extent=8), num_candidates=2, repeats=1)
     assert 0 < built.least_latency() <= min(built.latency({"0": a, "3": b}) for a in (8, 4) for b in (16, 8))
+
+
+@pytest.mark.parametrize("repeats, error", [(0, ValueError), (-3, ValueError), (1.5, TypeError)])
+def test_measure_latency_names_repeats(repeats, error):
+    with pytest.raises(error, match="repeats must be an int >= 1"):  # (0: min()'s empty sequence)
+        netadapt.measure_latency(mlp(0), torch.randn(2, 8), repeats=repeats)

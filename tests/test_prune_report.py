@@ -229,6 +229,8 @@ def test_report_bad_pairs_checked_with_or_without_an_example_input(with_input):
         prune.sparsity_report(conv, x, pairs={"": [True, False, True]})
     with pytest.raises(ValueError, match=r"pair counts must be >= 0; got \[1, -2, 1\]"):
         prune.sparsity_report(conv, x, pairs={"": [1, -2, 1]})
+    with pytest.raises(TypeError, match="pair counts must be a 1-D integer sequence; got str"):  # (torch's new())
+        prune.sparsity_report(conv, x, pairs={"": "x"})
     with pytest.raises(ValueError, match=r"must have shape \(3,\); got \(2,\)"):
         prune.sparsity_report(conv, x, pairs={"": [1, 2]})
     with pytest.raises(TypeError, match="pairs must be a dict"):

@@ -248,3 +248,8 @@ def test_an_eval_fn_that_runs_batchnorm_or_switches_modes_leaves_the_model_as_it
         after = net.state_dict()
         assert [k for k in before if not torch.equal(after[k], before[k])] == []
         assert [m.training for m in net.modules()] == modes
+
+
+def test_choose_ratios_names_a_result_that_is_no_scan():
+    with pytest.raises(TypeError, match="result must be a SensitivityResult"):  # (an AttributeError)
+        sensitivity.choose_ratios("x", 0.1)

@@ -713,6 +713,15 @@ class BatchNorm(SparseBackwardHooks, nn.BatchNorm1d):
     def __init__(self, num_features: int, *args, device=None, dtype=None, **kwargs) -> None:
         factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
         super().__init__(positive_int(num_features, "num_features"), *args, **factory, **kwargs)
+        # torch keeps these as given: momentum="a" or eps=-1 failed in the first forward, affine="no" made weights
+        self.eps = F._check_eps(self.eps)
+        if self.momentum is not None:
+            momentum = as_float(self.momentum, "momentum")
+            if not 0 <= momentum <= 1:
+                raise ValueError(f"momentum must be a number in [0, 1] or None; got {self.momentum!r}")
+            self.momentum = momentum
+        self.affine = as_bool(self.affine, "affine")
+        self.track_running_stats = as_bool(self.track_running_stats, "track_running_stats")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         _take_wrapped(state_dict, prefix, "bn.", "", ("weight", "bias", "running_mean", "running_var",
@@ -763,6 +772,7 @@ class _Pointwise(SparseBackwardHooks, nn.Module):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__()
         self.fn = self.module_class(*args, **kwargs)
+        _check_options(self.fn)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # (torch's Linear inside cannot say it: its compressed SparseLinear's state is refused here, before it loads)
@@ -780,6 +790,23 @@ class _Pointwise(SparseBackwardHooks, nn.Module):
 
     def extra_repr(self) -> str:
         return self.fn.extra_repr()
+
+
+def _check_options(fn: nn.Module) -> None:
+    """The options of a wrapped torch module, which torch keeps as given
+    (``inplace="yes"``, ``LeakyReLU("a")`` and ``GELU(approximate="foo")``
+    failed in the first forward, if at all): a TypeError / ValueError
+    naming the option."""
+    if hasattr(fn, "inplace"):
+        fn.inplace = as_bool(fn.inplace, "inplace")
+    for option in ("negative_slope", "alpha"):  # (LeakyReLU's, ELU's)
+        if hasattr(fn, option):
+            value = as_float(getattr(fn, option), option)
+            if not math.isfinite(value):
+                raise ValueError(f"{option} must be a finite number; got {getattr(fn, option)!r}")
+            setattr(fn, option, value)
+    if isinstance(fn, nn.GELU) and fn.approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh'; got {fn.approximate!r}")
 
 
 def _pointwise(cls: type[nn.Module], doc: str) -> type[_Pointwise]:
@@ -815,6 +842,8 @@ class Linear(_Pointwise):
                              f"{in_features * out_features:,} values is over the limit of "
                              f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
         factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
+        if args or "bias" in kwargs:  # (torch's test is truthiness: bias="no" made a bias)
+            as_bool(args[0] if args else kwargs["bias"], "bias")
         super().__init__(in_features, out_features, *args, **factory, **kwargs)
 
     # (torch's Linear's names, asked of the wrapper: torch's pruning functions, a user's layer.weight)

@@ -350,7 +350,17 @@ def bn_scaling(model_or_pairs) -> Scores:
     ``|gamma|`` exactly, across layers of any size. The scores of a 16-bit
     BatchNorm are float32 (as every criterion's: :func:`normalize` then
     divides them without rounding distinct gammas to one score)."""
-    pairs = bn_pairs(model_or_pairs) if isinstance(model_or_pairs, nn.Module) else list(model_or_pairs)
+    if isinstance(model_or_pairs, nn.Module):
+        pairs = bn_pairs(model_or_pairs)
+    elif isinstance(model_or_pairs, (str, bytes)) or not isinstance(model_or_pairs, Iterable):
+        raise TypeError(f"model_or_pairs must be a model or (layer, batchnorm) pairs; got "
+                        f"{type(model_or_pairs).__name__}")
+    else:
+        pairs = list(model_or_pairs)
+        for i, pair in enumerate(pairs):  # (an unpacking error from the loop below, naming nothing)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(m, nn.Module) for m in pair)):
+                raise TypeError(f"model_or_pairs[{i}] must be a (layer, batchnorm) pair of modules; got "
+                                f"{type(pair).__name__}")
     if not pairs:
         raise ValueError("no (layer, batchnorm) pairs found")
     out = {}

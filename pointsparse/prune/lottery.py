@@ -26,6 +26,8 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     pruned ``weight`` is stored from ``weight_orig``; the pruning's masks,
     ``weight_mask`` beside a ``weight_orig``, are not stored: a buffer of the
     model's own, as an ``attn_mask``, is)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     state = model.state_dict()
     pruned = {key[:-5] for key in state if key.endswith("_orig") and key[:-5] + "_mask" in state}
     out = {}

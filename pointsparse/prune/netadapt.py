@@ -48,7 +48,8 @@ def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
 def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
     """Seconds of ``model(example_input)`` (``model(*example_input)`` for a
     tuple) in eval mode without gradients (the fastest of ``repeats``, as
-    the table's entries)."""
+    the table's entries); ``repeats`` an int >= 1."""
+    repeats = check_int(repeats, "repeats", 1)  # (0 raised min()'s 'arg is an empty sequence')
     with evaluating(model), torch.no_grad():
         return _best_time(lambda: run_model(model, example_input), repeats)
 

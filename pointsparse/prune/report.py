@@ -357,7 +357,10 @@ def _check_pairs(pairs, modules: dict) -> dict:
 
 
 def _as_counts(counts) -> torch.Tensor:
-    counts = torch.as_tensor(counts)
+    try:
+        counts = torch.as_tensor(counts)
+    except (TypeError, ValueError, RuntimeError):  # (a str: torch's "new(): invalid data type 'str'")
+        raise TypeError(f"pair counts must be a 1-D integer sequence; got {type(counts).__name__}") from None
     if counts.dtype.is_floating_point or counts.dtype == torch.bool or counts.dim() != 1:
         raise ValueError(f"pair counts must be a 1-D integer sequence; got {counts!r}")
     counts = counts.to(torch.int64).cpu()

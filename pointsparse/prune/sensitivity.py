@@ -193,6 +193,8 @@ def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = 
     ``threshold`` must be a number (TypeError otherwise), finite and >= 0,
     and ``result.baseline`` finite (ValueError otherwise). A NaN or infinite metric at a ratio counts
     as an unacceptable drop: neither that ratio nor any larger one is chosen."""
+    if not isinstance(result, SensitivityResult):
+        raise TypeError(f"result must be a SensitivityResult (sensitivity_scan's); got {type(result).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
     relative = as_bool(relative, "relative")
