@@ -176,7 +176,8 @@ class SparseBackwardHooks:
             self.__dict__[_FULL], self.__dict__[_PRE] = OrderedDict(), OrderedDict()
             # (module-level functions: the module still deep-copies and pickles with them)
             before = self.register_forward_pre_hook(_wrap_inputs)
-            after = self.register_forward_hook(_wrap_outputs, always_call=True)  # (a forward that raised: its entry goes)
+            # (always_call: a forward that raised has its entry go)
+            after = self.register_forward_hook(_wrap_outputs, always_call=True)
             self.__dict__[_RUNNERS] = (before.id, after.id)
         hooks = self.__dict__[kind]
         handle = _HookHandle(hooks, self)

@@ -82,7 +82,8 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
-        from .adapters import check_has_values, check_maskable, weight_now  # noqa: PLC0415 - adapters imports this module
+        # (adapters imports this module)
+        from .adapters import check_has_values, check_maskable, weight_now  # noqa: PLC0415
 
         check_maskable(module, name)
         check_has_values(module, name)
