@@ -918,6 +918,47 @@ def test_format_product_under_torch_compile(fmt, kwargs):
             torch.compile(layer, fullgraph=True, backend="eager")(x)
 
 
+def test_the_formats_import_no_compiler_and_an_unpickled_layer_still_runs_outside_graphs(tmp_path):
+    """``import pointsparse.formats`` (and so a process's first
+    ``prune.sparsity_report``) imported torch's compiler for the two
+    ``torch.compiler.disable`` decorators, a second of CPU. They are made
+    with the process's first layer now, or its first unpickled one: a fresh
+    process that loads a compressed model refuses it under fullgraph=True as
+    before, naming the layer, and runs it eagerly as the parent did."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    x = _sparse_input(channels=4)
+    model = torch.nn.Sequential(psnn.Conv3d(4, 5, 3), psnn.Linear(5, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.6)
+    sparse = F.compress(model.eval(), "csr")
+    sparse[0].execution = "format"
+    sparse[1].fn.execution = "format"
+    with torch.no_grad():
+        want = sparse(x).feats
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps((sparse, x, want)))
+    code = ("import pickle, sys, torch\n"
+            "import pointsparse.formats, pointsparse.prune as prune\n"
+            "prune.sparsity_report(torch.nn.Sequential(pointsparse.nn.Conv3d(2, 3, 3)))\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "sparse, x, want = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            "with torch.no_grad():\n"
+            "    assert torch.equal(sparse(x).feats, want)\n"
+            "    for layer, arg in ((sparse[0], x), (sparse[1].fn, torch.randn(7, 5))):\n"
+            "        try:\n"
+            "            torch.compile(layer, fullgraph=True, backend='eager')(arg)\n"
+            "        except torch._dynamo.exc.Unsupported as error:\n"
+            "            assert \"format's product\" in str(error), error\n"
+            "        else:\n"
+            "            raise AssertionError('compiled in one graph')\n"
+            "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(pointsparse.__file__))
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
 class _FeatsAndCoords(torch.nn.Module):
     """A conv called on plain tensors, as torch.export takes them."""
 

@@ -4,6 +4,7 @@ the SpMM kernels; built by :func:`pointsparse.formats.compress`."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import nn
@@ -125,6 +126,23 @@ def outside_graphs(name: str) -> str:
             f"take it into a graph; {execution}compile or export the model before formats.compress")
 
 
+_made_outside_graphs: set = set()  # (class, method) pairs wrapped so far
+_outside_graphs_lock = threading.Lock()
+
+
+def run_outside_graphs(cls: type, method: str) -> None:
+    """``cls.method`` (a format product) wrapped once in ``torch.compiler.disable``
+    (reason :func:`outside_graphs`), when the process makes (or unpickles,
+    or copies) its first layer of ``cls``: torch's compiler, which that
+    imports, cost ``import pointsparse.formats`` (and so the first
+    ``prune.sparsity_report``) a second. Every graph meets the wrapped method:
+    a layer exists before any graph calls it."""
+    with _outside_graphs_lock:
+        if (cls, method) not in _made_outside_graphs:
+            setattr(cls, method, torch.compiler.disable(cls.__dict__[method], reason=outside_graphs(cls.__name__)))
+            _made_outside_graphs.add((cls, method))
+
+
 def refuse_export(name: str) -> None:
     """A RuntimeError (:func:`outside_graphs`) where torch.export traces a
     layer's format product: its non-strict tracing (torch's default) runs
@@ -164,6 +182,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         if execution not in LINEAR_EXECUTIONS:
             raise ValueError(f"execution must be one of {LINEAR_EXECUTIONS}; got {execution!r}")
+        run_outside_graphs(SparseLinear, "_product")
         self.weight_format = checked_format(weight, f"{type(self).__name__}: weight")
         self.out_features, self.in_features = weight.shape
         self.execution = execution
@@ -186,8 +205,7 @@ class SparseLinear(nn.Module):
             return nn.functional.linear(input, self.dense_weight, self.bias)
         return self._product(input)
 
-    @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
-    def _product(self, input: torch.Tensor) -> torch.Tensor:
+    def _product(self, input: torch.Tensor) -> torch.Tensor:  # (outside graphs: run_outside_graphs)
         refuse_export(type(self).__name__)
         refuse_gradient(self, input, type(self.weight_format).__name__)
         with outside_transforms(input, f"{type(self).__name__} ({type(self.weight_format).__name__})",
@@ -252,6 +270,7 @@ class SparseLinear(nn.Module):
         return fmt, execution, chosen
 
     def __setstate__(self, state) -> None:
+        run_outside_graphs(SparseLinear, "_product")
         super().__setstate__(state)
         if "execution" not in self.__dict__:  # (pickled before the execution was kept: it ran the format)
             self.execution = self.chosen = "format"
@@ -417,6 +436,7 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
                  out_channels, bias=None, execution: str = "format", relu: bool = False,
                  kernel_region=None) -> None:
         super().__init__()
+        run_outside_graphs(SparseConv3d, "_format_forward")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}; got {execution!r}")
         self.execution = execution
@@ -446,6 +466,10 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
     @property
     def format_dtype(self) -> torch.dtype:
         return self.offsets.dtype if isinstance(self.offsets, FKW) else self.offsets[0].dtype
+
+    def __setstate__(self, state) -> None:  # (unpickled, deep-copied: its format product outside graphs first)
+        run_outside_graphs(SparseConv3d, "_format_forward")
+        super().__setstate__(state)
 
     def get_extra_state(self):
         offsets = format_data(self.offsets) if isinstance(self.offsets, FKW) else \
@@ -578,9 +602,9 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
                              kernel_region=getattr(self, "kernel_region", None), add=add)
         return self._format_forward(input, add)
 
-    @torch.compiler.disable(reason=outside_graphs("SparseConv3d"))
     def _format_forward(self, input: SparseTensor, add: SparseTensor | None) -> SparseTensor:
-        """:meth:`forward` through the format's product (``execution="format"``)."""
+        """:meth:`forward` through the format's product (``execution="format"``;
+        outside graphs: :func:`run_outside_graphs`)."""
         refuse_export(type(self).__name__)
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
