@@ -1,8 +1,9 @@
 """What a process pays to start on pointsparse: ``import pointsparse`` (and
-its nn and models), the tool's ``--help``, a command's ``--help``. Each case
-is a fresh Python process (the imports are the process's), run ``--rounds``
-times, the cases and trees interleaved round by round; its wall time and its
-CPU time (user + system, of the child alone) are taken, medians reported.
+its nn and models), the tool's ``--help``, a command's ``--help``, a first
+``prune.sparsity_report``. Each case is a fresh Python process (the imports
+are the process's), run ``--rounds`` times, the cases and trees interleaved
+round by round; its wall time and its CPU time (user + system, of the child
+alone) are taken, medians reported.
 
     flock /work/cpu.lock .venv/bin/python bench/startup.py [TREE ...] [--rounds 7] [--out PAGE.md] [--quick]
 
@@ -36,6 +37,8 @@ CASES = [
     ("pointsparse train --help", ["-m", "pointsparse", "train", "--help"]),
     ("pointsparse export --help", ["-m", "pointsparse", "export", "--help"]),
     ("pointsparse prune --help", ["-m", "pointsparse", "prune", "--help"]),
+    ("first prune.sparsity_report", ["-c", "import torch, pointsparse as ps; from pointsparse import prune; "
+                                     "prune.sparsity_report(torch.nn.Sequential(ps.nn.Conv3d(4, 8, 3)))"]),
 ]
 
 
