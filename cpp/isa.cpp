@@ -92,7 +92,7 @@ const char* isa_name(Isa isa) {
 
 bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
 
-bool avx512_bf16_runs() { return support().bf16; }
+bool avx512_bf16_runs() { return support().bf16 && best_isa() == Isa::avx512; }
 
 namespace {
 
@@ -144,14 +144,18 @@ bool cpu_is_intel() {
 // -1: the CPU's answer; 0 or 1: set_next_block_fetch's.
 std::atomic<int> g_next_fetch_set{-1};
 
+// -1: no cap; else set_isa_limit's Isa as an int.
+std::atomic<int> g_isa_limit{-1};
+
 }  // namespace
 
-bool avx512_full_width_detected() {
+bool avx512_full_width_detected() {  // (the CPU's answer: no cap, no override)
   static const bool wide = isa_runs(Isa::avx512) && cpu_full_width();
   return wide;
 }
 
 bool avx512_full_width() {
+  if (best_isa() != Isa::avx512) return false;  // (capped below it: set_isa_limit)
   const int set = g_full_width_set.load(std::memory_order_relaxed);
   return set >= 0 ? set == 1 && isa_runs(Isa::avx512) : avx512_full_width_detected();
 }
@@ -168,10 +172,10 @@ void set_next_block_fetch(int value) { g_next_fetch_set.store(value < 0 ? -1 : v
 
 bool amx_bf16_runs() {
   static const bool amx = cpu_has_amx();
-  return amx;
+  return amx && best_isa() == Isa::avx512;  // (capped below avx512: set_isa_limit)
 }
 
-Isa best_isa() {
+Isa detected_best_isa() {
   static const Isa best = [] {
     for (int i = kNumIsas - 1; i > 0; --i)
       if (isa_runs(Isa(i))) return Isa(i);
@@ -179,6 +183,16 @@ Isa best_isa() {
   }();
   return best;
 }
+
+Isa best_isa() {
+  const Isa best = detected_best_isa();
+  const int limit = g_isa_limit.load(std::memory_order_relaxed);
+  return limit >= 0 && limit < int(best) ? Isa(limit) : best;
+}
+
+void set_isa_limit(int limit) { g_isa_limit.store(limit < 0 ? -1 : limit < kNumIsas ? limit : -1); }
+
+int isa_limit() { return g_isa_limit.load(std::memory_order_relaxed); }
 
 std::string runnable_isas() {
   std::string s;

@@ -14,10 +14,24 @@ constexpr int kNumIsas = 3;
 const char* isa_name(Isa isa);
 // Whether this build holds `isa`'s kernels and the CPU runs them (asked once).
 bool isa_runs(Isa isa);
-// The widest instruction set that runs here: what dispatch picks by default.
+// The widest instruction set that runs here, or set_isa_limit's narrower one:
+// what dispatch picks by default (an `isa` argument of None).
 Isa best_isa();
+// The widest instruction set that runs here, whatever the limit.
+Isa detected_best_isa();
+// Caps best_isa() at `limit` (0 generic, 1 avx2, 2 avx512; -1: no cap),
+// process-wide; under avx512 the bf16 kernels and AMX tiles are off too
+// (avx512_bf16_runs, amx_bf16_runs) and avx512_full_width() answers false:
+// the engine then runs as on a CPU without AVX-512 (an AMD Zen 3's defaults on
+// an AVX-512 machine, for tests and benchmarks). An `isa` named in a call
+// still runs any build the CPU runs. pointsparse reads POINTSPARSE_ISA at
+// import.
+void set_isa_limit(int limit);
+// set_isa_limit's value (-1: none).
+int isa_limit();
 // Whether the CPU runs AVX512-BF16 on top of the avx512 build (asked once;
-// the bf16 conv kernels' build is the caller's to know).
+// the bf16 conv kernels' build is the caller's to know), and no limit keeps
+// best_isa() below avx512.
 bool avx512_bf16_runs();
 // Whether the avx512 build runs here on a CPU whose AVX-512 cores execute
 // 512-bit FMAs at full width: Intel's, AMD's from Zen 5 (family 0x1A, not

@@ -158,7 +158,18 @@ def conv_streamed() -> bool:
 
 def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
-    'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
+    'avx512', 'avx2' or 'generic' (the widest build that runs here, or
+    ``set_isa_limit``'s narrower one)."""
+
+def set_isa_limit(limit: str | None) -> str | None:
+    """Caps the instruction set every call without an `isa` of its own runs
+    (conv_isa, spmm_isa) at `limit` ('generic', 'avx2', 'avx512'; None: no
+    cap), process-wide, and returns the previous cap; TypeError / ValueError
+    for another value. Below
+    'avx512' the bf16 kernels and AMX tiles are off and avx512_full_width()
+    is False: the engine runs as on a CPU without AVX-512. pointsparse calls
+    it at import from POINTSPARSE_ISA (the engine's thresholds are read at
+    import). For tests and benchmarks."""
 
 def conv_bf16() -> bool:
     """Whether ConvPlan.forward_bf16 (AVX512-BF16 vdpbf16ps) runs on this CPU."""

@@ -126,6 +126,66 @@ def test_skipping_over_many_blocks_equals_the_dense_kernels_for_every_thread_cou
     torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
 
 
+def test_the_isa_limit_caps_every_default_call_and_the_env_sets_it_at_import():
+    """set_isa_limit / POINTSPARSE_ISA: an AVX-512 machine runs the defaults
+    of one without it (an AMD Zen 3's paths: its tests and benchmarks on
+    another CPU). Every call that names no build takes the cap (the generic
+    build's bits, which differ from the FMA builds' by rounding), the bf16
+    kernels and AMX are off, avx512_full_width() is False; a call naming a
+    build still runs it; None lifts the cap."""
+    import subprocess
+    import sys
+
+    core = ps._ext.core
+    best, bf16, wide = core.conv_isa(), core.conv_bf16(), core.avx512_full_width()
+    for bad, error in (("avx3", ValueError), (2, TypeError)):
+        with pytest.raises(error, match="limit must be 'generic', 'avx2', 'avx512' or None"):
+            core.set_isa_limit(bad)
+    x = make(n=3000, c=16, extent=30, dtype=torch.float32, seed=4)
+    conv = ps.nn.Conv3d(16, 24, 3)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.get_plan(kmap, x.cache)
+    w = conv.weight.detach().contiguous()
+
+    def core_forward(isa):
+        out = torch.empty(kmap.num_out, 24)
+        plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), 1, isa=isa)
+        return out
+
+    generic = core_forward("generic")
+    fma = core_forward("avx2") if "avx2" in core.runnable_isas() else None
+    assert fma is None or not torch.equal(generic, fma)  # (else the cap's effect below would not show)
+    before = core.set_isa_limit("generic")  # (POINTSPARSE_ISA's, where the suite runs under one)
+    try:
+        assert core.set_isa_limit("generic") == "generic"
+        assert (core.conv_isa(), core.spmm_isa(), core.conv_bf16(), core.conv_amx(), core.avx512_full_width()) == \
+            ("generic", "generic", False, False, False)
+        assert torch.equal(core_forward(None), generic)
+        with torch.no_grad():
+            assert torch.equal(conv(x).feats, generic)
+        if fma is not None:
+            assert torch.equal(core_forward("avx2"), fma)  # (a build named still runs)
+            core.set_isa_limit("avx2")
+            assert core.conv_isa() == "avx2" and not core.conv_bf16() and not core.avx512_full_width()
+            assert torch.equal(core_forward(None), fma)
+        assert core.set_isa_limit(None) in ("avx2", "generic") and core.conv_isa() == core.runnable_isas()[0]
+    finally:
+        core.set_isa_limit(before)
+    assert (core.conv_isa(), core.conv_bf16(), core.avx512_full_width()) == (best, bf16, wide)
+    assert torch.equal(core_forward(None), generic if fma is None or best == "generic" else fma)
+    # the variable, read at import (before the engine's thresholds), and its check
+    code = ("import pointsparse as ps\nfrom pointsparse.nn import _engine\n"
+            "print(ps._ext.core.conv_isa(), ps._ext.core.conv_bf16(), _engine.VECTOR_DENSITY)")
+    env = dict(os.environ, POINTSPARSE_ISA="generic", POINTSPARSE_AVX512_FULL_WIDTH="")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["generic", "False", str(_engine.VECTOR_DENSITY_SPLIT)]
+    env["POINTSPARSE_ISA"] = "avx3"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "POINTSPARSE_ISA must be 'generic', 'avx2', 'avx512' or empty; got 'avx3'" \
+        in run.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_next_block_fetch_is_intel_s_and_changes_no_bit(dtype):
     """The vector-sparse walks fetch the thread's next block's rows during

@@ -440,7 +440,34 @@ void bind_conv(py::module_& m) {
         "Whether the last float forward or input gradient of ConvPlan this thread ran streamed its output "
         "(summed in scratch blocks, written with non-temporal stores). For tests and benchmarks.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
-        "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
+        "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic' "
+        "(the widest that runs, or set_isa_limit's narrower one).");
+  m.def(
+      "set_isa_limit",
+      [](py::object limit) -> py::object {
+        const int before = isa_limit();
+        const py::object previous = before < 0 ? py::object(py::none()) : py::object(py::str(isa_name(Isa(before))));
+        if (limit.is_none()) {
+          set_isa_limit(-1);
+          return previous;
+        }
+        if (!py::isinstance<py::str>(limit))
+          throw py::type_error("set_isa_limit: limit must be 'generic', 'avx2', 'avx512' or None; got a " +
+                               std::string(py::str(py::type::of(limit).attr("__name__"))));
+        const std::string name = limit.cast<std::string>();
+        for (int i = 0; i < kNumIsas; ++i)
+          if (name == isa_name(Isa(i))) {
+            set_isa_limit(i);
+            return previous;
+          }
+        throw py::value_error("set_isa_limit: limit must be 'generic', 'avx2', 'avx512' or None; got '" + name + "'");
+      },
+      py::arg("limit"),
+      "Caps the instruction set every call without an `isa` of its own runs (conv_isa, spmm_isa) at `limit` "
+      "('generic', 'avx2', 'avx512'; None: no cap), process-wide, and returns the previous cap. Below 'avx512' the bf16 kernels and AMX tiles "
+      "are off (conv_bf16, conv_amx False) and avx512_full_width() is False: the engine runs as on a CPU "
+      "without AVX-512. pointsparse calls it at import from POINTSPARSE_ISA; the engine's thresholds in "
+      "nn._engine are read at import, so set it through that variable. For tests and benchmarks.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
         "Whether the bf16 inference forward (AVX512-BF16 vdpbf16ps) runs on this CPU.");
   m.def("conv_amx", [] { return conv::bf16_tiles_run(); },
