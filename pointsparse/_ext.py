@@ -29,6 +29,27 @@ class MissingExtra(ImportError):
     the package and how to install it. The command line prints it as a
     one-line error (an ImportError, so ``except ImportError`` still takes it)."""
 
+
+#: Environment variable: the widest instruction set the engine runs by
+#: default ('generic', 'avx2', 'avx512'; empty: the widest the CPU runs),
+#: read once, here, before the engine's thresholds are. Under 'avx2' an
+#: AVX-512 machine runs as one without AVX-512 (no bf16 kernels, no AMX):
+#: an AMD Zen 3's defaults, for its tests and for benchmarks.
+ISA_ENV = "POINTSPARSE_ISA"
+
+
+def _isa_from_env() -> None:
+    value = os.environ.get(ISA_ENV, "").strip()
+    if not value:
+        return
+    if value not in ("generic", "avx2", "avx512"):
+        raise ValueError(f"{ISA_ENV} must be 'generic', 'avx2', 'avx512' or empty; got {value!r}")
+    _core.set_isa_limit(value)
+
+
+_isa_from_env()
+
+
 #: Overrides the core's answer to whether this CPU's AVX-512 FMAs run at full
 #: width (``_core.avx512_full_width``: "1" or "0"; empty or unset: the CPU's
 #: answer), which the engine's kernel choices and thresholds follow; read
@@ -51,25 +72,6 @@ def _full_width_from_env() -> None:
 
 
 _full_width_from_env()
-
-#: Environment variable: the widest instruction set the engine runs by
-#: default ('generic', 'avx2', 'avx512'; empty: the widest the CPU runs),
-#: read once, here, before the engine's thresholds are. Under 'avx2' an
-#: AVX-512 machine runs as one without AVX-512 (no bf16 kernels, no AMX):
-#: an AMD Zen 3's defaults, for its tests and for benchmarks.
-ISA_ENV = "POINTSPARSE_ISA"
-
-
-def _isa_from_env() -> None:
-    value = os.environ.get(ISA_ENV, "").strip()
-    if not value:
-        return
-    if value not in ("generic", "avx2", "avx512"):
-        raise ValueError(f"{ISA_ENV} must be 'generic', 'avx2', 'avx512' or empty; got {value!r}")
-    _core.set_isa_limit(value)
-
-
-_isa_from_env()
 
 COORD_MIN: int = _core.COORD_MIN
 COORD_MAX: int = _core.COORD_MAX

@@ -181,6 +181,18 @@ CORE_ONLY = (
 """Python that loads the built core alone (no torch import: a quick child)."""
 
 
+def default_isa() -> str:
+    """The build a call without an ``isa`` runs: the widest that runs here,
+    or POINTSPARSE_ISA's narrower one (the suite run as on a CPU without
+    AVX-512: ``POINTSPARSE_ISA=avx2 make test``)."""
+    from pointsparse import _ext
+
+    order = ["generic", "avx2", "avx512"]
+    widest = _ext.core.runnable_isas()[0]
+    cap = os.environ.get("POINTSPARSE_ISA", "").strip() or widest
+    return order[min(order.index(widest), order.index(cap))]
+
+
 def run_python(code: str, env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     """``python -c code`` with the checkout importable and extra environment."""
     env = dict(os.environ)

@@ -13,7 +13,7 @@ import pointsparse as ps
 from pointsparse import _ext
 from pointsparse.nn import functional as F
 from pointsparse.nn import _engine
-from reference import conv_sum, dense_conv, dense_conv_transpose, random_coords
+from reference import conv_sum, default_isa, dense_conv, dense_conv_transpose, random_coords
 
 
 def make(n=300, c=3, extent=7, stride=1, dtype=torch.float64, seed=0):
@@ -377,11 +377,12 @@ TILE_EDGE_CHANNELS = [1, 5, 6, 7, 13, 15, 16, 17, 31, 33, 64, 100]
 
 
 def test_isa_reported_and_forced():
-    """conv_isa names the widest build that runs; any build that runs can be
-    forced, an unknown one or one this CPU cannot run is refused by name."""
+    """conv_isa names the widest build that runs (or POINTSPARSE_ISA's); any
+    build that runs can be forced, an unknown one or one this CPU cannot run
+    is refused by name."""
     core = _ext.core
     assert ISAS[-1] == "generic" and set(ISAS) <= {"avx512", "avx2", "generic"}
-    assert core.conv_isa() == core.spmm_isa() == ISAS[0]
+    assert core.conv_isa() == core.spmm_isa() == default_isa()
     feats, w, kmap = _fused_case(3, 1, False, 3, 4, torch.float32)
     plan = _engine.make_fused_plan(kmap)
     out = torch.empty(kmap.num_out, 4)

@@ -15,7 +15,7 @@ import pointsparse as ps
 from pointsparse import prune
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
-from reference import conv_sum, dense_conv, random_coords, run_python
+from reference import conv_sum, default_isa, dense_conv, random_coords, run_python
 
 
 def make(n=400, c=8, extent=8, dtype=torch.float64, seed=0):
@@ -171,6 +171,7 @@ def test_the_isa_limit_caps_every_default_call_and_the_env_sets_it_at_import():
         assert core.set_isa_limit(None) in ("avx2", "generic") and core.conv_isa() == core.runnable_isas()[0]
     finally:
         core.set_isa_limit(before)
+        _engine.vector_threshold(64)  # (the engine's module-level choices follow the width back)
     assert (core.conv_isa(), core.conv_bf16(), core.avx512_full_width()) == (best, bf16, wide)
     assert torch.equal(core_forward(None), generic if fma is None or best == "generic" else fma)
     # the variable, read at import (before the engine's thresholds), and its check
@@ -533,7 +534,7 @@ def test_vector_density_follows_the_width_of_the_cpus_fmas():
     wide = detected and "avx512" in core.runnable_isas()
     assert core.avx512_full_width_detected() == wide
     if not os.environ.get(ps._ext.FULL_WIDTH_ENV, "").strip():
-        assert core.avx512_full_width() == wide
+        assert core.avx512_full_width() == (wide and default_isa() == "avx512")  # (POINTSPARSE_ISA: off below)
     wide = core.avx512_full_width()
     assert _engine.VECTOR_DENSITY == (_engine.VECTOR_DENSITY_WIDE if wide else _engine.VECTOR_DENSITY_SPLIT)
     assert (_engine.VECTOR_DENSITY_SPLIT, _engine.VECTOR_DENSITY_WIDE) == (0.85, 0.6)
@@ -554,9 +555,10 @@ print(core.avx512_full_width(), _engine.VECTOR_DENSITY, _engine.VECTOR_DENSITY_T
 def test_full_width_is_set_by_the_environment(value):
     """POINTSPARSE_AVX512_FULL_WIDTH sets what the engine's choices follow
     (the vector thresholds, float32 and bf16, twin tiles, streamed outputs), for comparing the
-    two kinds of CPU on one; "1" is refused where the avx512 build does not run."""
+    two kinds of CPU on one; "1" is refused where the avx512 build does not run
+    (or POINTSPARSE_ISA keeps the kernels below it)."""
     proc = run_python(_WIDTH_PROBE, {"POINTSPARSE_AVX512_FULL_WIDTH": value})
-    if value == "1" and "avx512" not in ps._ext.core.runnable_isas():
+    if value == "1" and default_isa() != "avx512":
         assert proc.returncode != 0 and "POINTSPARSE_AVX512_FULL_WIDTH=1" in proc.stderr, proc.stderr
         return
     assert proc.returncode == 0, proc.stderr
@@ -573,7 +575,7 @@ def test_engine_choices_follow_the_width_set_after_import():
     width. They follow the core's answer now, both ways, and come back with it."""
     core = ps._ext.core
     before = core.avx512_full_width()
-    widths = [0, 1] if "avx512" in core.runnable_isas() else [0]
+    widths = [0, 1] if default_isa() == "avx512" else [0]
     w = torch.randn(27, 64, 64)
     w[:, 51:] = 0  # 51 of 64 rows listed in every panel: density 0.797, over full width's thresholds (twins
     #                 included), under the split one's
@@ -605,8 +607,8 @@ def test_a_width_change_is_seen_whole_by_another_thread():
     import threading
 
     core = ps._ext.core
-    if "avx512" not in core.runnable_isas():
-        pytest.skip("the full width needs the avx512 build")
+    if default_isa() != "avx512":
+        pytest.skip("the full width needs the avx512 build (run by default: POINTSPARSE_ISA may keep it off)")
     before = core.avx512_full_width()
     lines, start = inspect.getsourcelines(_engine._follow_width)
     hold = start + next(i for i, line in enumerate(lines) if line.strip().startswith("VECTOR_DENSITY ="))
@@ -1409,7 +1411,7 @@ def test_offset_pruned_forward_without_its_identity_streams_its_output(auto_stre
     bias = torch.randn(32, generator=g)
     add = torch.randn(kmap.num_out, 32, generator=g)
 
-    avx512 = "avx512" in auto_stream.runnable_isas()
+    avx512 = default_isa() == "avx512"  # (the forward below names no build)
 
     def forward(nt, threshold, isa=None, active=few):
         auto_stream.conv_stream_auto_bytes(threshold)

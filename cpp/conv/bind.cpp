@@ -503,6 +503,10 @@ void bind_conv(py::module_& m) {
         if (value == 1 && !isa_runs(Isa::avx512))
           throw py::value_error("set_avx512_full_width: value 1 asks for the avx512 build, which does not run "
                                 "here (it runs: " + runnable_isas() + ")");
+        if (value == 1 && best_isa() != Isa::avx512)
+          throw py::value_error(std::string("set_avx512_full_width: value 1 asks for the avx512 build, which the "
+                                            "limit (POINTSPARSE_ISA, set_isa_limit) keeps at ") +
+                                isa_name(best_isa()));
         set_avx512_full_width(value);
       },
       py::arg("value"),
