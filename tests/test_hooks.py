@@ -198,7 +198,75 @@ def test_removing_the_last_hook_takes_the_runners_out_and_a_new_hook_fires_once(
     _grads(conv, x, torch.ones(len(x), 2))
     assert fired == ["again"]  # (once: one pair of runners)
     # a handle kept past its module's life does no harm
+    import gc
+
     other = spnn.ReLU()
     handle = other.register_full_backward_hook(lambda m, gi, go: None)
     del other
+    gc.collect()
+    assert handle._module_ref() is None  # (a weak reference: the handle kept no module alive)
     handle.remove()
+
+
+def test_a_hook_removed_during_a_forward_fires_for_that_call_and_the_runners_go_after_it():
+    """torch's hooks removed during a forward still fire for that call (its
+    lists are taken when the call starts); the runners taken out at once
+    left that call's hooks unfired. They go once the call ends now, and
+    nothing of ours is left in the module after it."""
+    x = make(c=4, dtype=torch.float32)
+    conv = spnn.Conv3d(4, 2, 3)
+    fired = []
+    handle = conv.register_full_backward_hook(lambda m, gi, go: fired.append("h"))
+    conv.register_forward_pre_hook(lambda m, args: handle.remove())  # (after the runner: the call is under way)
+    _grads(conv, x, torch.ones(len(x), 2))
+    assert fired == ["h"]
+    assert len(conv._forward_pre_hooks) == 1 and not conv._forward_hooks  # (the user's pre-hook only)
+    assert not any(key.startswith("_sparse_backward") for key in vars(conv))
+    _grads(conv, x, torch.ones(len(x), 2))
+    assert fired == ["h"]
+
+
+def test_runners_a_module_holds_without_tables_are_taken_not_doubled():
+    """A module given the runners without their tables (compress copied a
+    layer's forward hooks so before this stop: a compressed model pickled
+    then) made a second pair on its first backward hook, which then fired
+    twice, and kept the old pair after the hook went."""
+    from pointsparse.nn._hooks import RUNNERS
+
+    x = make(c=4, dtype=torch.float32)
+    conv = spnn.Conv3d(4, 2, 3)
+    for _ in range(2):  # (a copy of a copy: two pairs)
+        conv.register_forward_pre_hook(RUNNERS[0])
+        conv.register_forward_hook(RUNNERS[1], always_call=True)
+    fired = []
+    handle = conv.register_full_backward_hook(lambda m, gi, go: fired.append("h"))
+    assert len(conv._forward_pre_hooks) == 1 and len(conv._forward_hooks) == 1
+    _grads(conv, x, torch.ones(len(x), 2))
+    assert fired == ["h"]
+    handle.remove()
+    assert not conv._forward_pre_hooks and not conv._forward_hooks
+
+
+def test_compress_keeps_the_runners_among_the_layers_forward_hooks_in_their_places():
+    """A forward pre-hook and a forward hook registered after a backward
+    hook change what the hook sees (the runners run first); compress put
+    the compressed layer's runners after them, so its hooks saw other
+    gradients (half and a third of the source's here). Their places are
+    kept: the same gradients on both."""
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    x = make(c=4, dtype=torch.float32)
+    conv = spnn.Conv3d(4, 5, 3)
+    seen = []
+    conv.register_full_backward_hook(lambda m, gi, go: seen.append((gi[0], go[0])))
+    conv.register_forward_pre_hook(lambda m, args: (args[0].with_feats(args[0].feats * 2),))
+    conv.register_forward_hook(lambda m, args, out: out.with_feats(out.feats * 3))
+    compressed = formats.compress(conv, "csr")
+    w_out = torch.randn(len(x), 5)
+    for layer in (conv, compressed):
+        _grads(layer, x, w_out)
+    (source_in, source_out), (got_in, got_out) = seen
+    torch.testing.assert_close(got_in, source_in)
+    torch.testing.assert_close(got_out, source_out)
+    assert torch.equal(source_out, 3 * w_out)  # (the output hook runs after the runner: the gradient through it)

@@ -221,22 +221,32 @@ def _with_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.n
     one the format holds), and its forward hooks on the output, in their
     order, but the pruning's bookkeeping (``_detach_masked``: the format
     holds no masked weight), and its backward hooks (torch's, or the full
-    ones of a module of SparseTensors, without the forward hooks that run
-    those: ``compressed`` registers its own); returned."""
+    ones of a module of SparseTensors, whose two forward hooks that run them
+    ``compressed`` registers anew, in their places among the others: a hook
+    before them changes what the backward hooks see, as on ``module``);
+    returned."""
     from torch.nn.utils.prune import BasePruningMethod
 
-    from ..nn._hooks import RUNNERS, copy_backward_hooks  # noqa: PLC0415
+    from ..nn._hooks import RUNNERS, copy_backward_hooks, place_runners  # noqa: PLC0415
     from ..prune._copyable import _detach_masked  # noqa: PLC0415 - the formats do not load the pruning package
     from ..prune.stripe import FilterSkeleton  # noqa: PLC0415
 
+    pre_order, post_order = [], []  # (the new ids, the runners where they stood: place_runners)
     for key, hook in module._forward_pre_hooks.items():
-        if not isinstance(hook, (BasePruningMethod, FilterSkeleton)) and all(hook is not runner for runner in RUNNERS):
-            compressed.register_forward_pre_hook(hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs)
+        if hook is RUNNERS[0]:
+            pre_order.append(hook)
+        elif not isinstance(hook, (BasePruningMethod, FilterSkeleton)):
+            pre_order.append(compressed.register_forward_pre_hook(
+                hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs).id)
     for key, hook in module._forward_hooks.items():  # (dropped before: a hook clamping the output, silently gone)
-        if hook is not _detach_masked and all(hook is not runner for runner in RUNNERS):
-            compressed.register_forward_hook(hook, with_kwargs=key in module._forward_hooks_with_kwargs,
-                                             always_call=key in module._forward_hooks_always_called)
+        if hook is RUNNERS[1]:
+            post_order.append(hook)
+        elif hook is not _detach_masked:
+            post_order.append(compressed.register_forward_hook(
+                hook, with_kwargs=key in module._forward_hooks_with_kwargs,
+                always_call=key in module._forward_hooks_always_called).id)
     copy_backward_hooks(module, compressed)
+    place_runners(compressed, pre_order, post_order)
     return compressed
 
 

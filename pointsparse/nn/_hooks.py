@@ -36,6 +36,7 @@ _FULL = "_sparse_backward_hooks"
 _PRE = "_sparse_backward_pre_hooks"
 _CALLS = "_sparse_backward_calls"
 _RUNNERS = "_sparse_backward_runners"  # (the ids of the two runners in the module's forward hook tables)
+_DROP = "_sparse_backward_drop"  # (the last hook went during a forward: the runners go when it ends)
 
 
 def _as_tensors(values: tuple) -> tuple:
@@ -69,6 +70,8 @@ def _hooks_of(module) -> tuple[list, list]:
 def _wrap_inputs(module, args):
     """The module's forward pre-hook: the feats of its positional arguments
     through the call's BackwardHook (a new one per call, as torch makes)."""
+    if _FULL not in module.__dict__:  # (dropped in this call, before torch called it: nothing to run)
+        return None
     full, pre = _hooks_of(module)
     calls = module.__dict__.setdefault(_CALLS, [])
     if not (full or pre) or not torch.is_grad_enabled():
@@ -85,6 +88,8 @@ def _wrap_outputs(module, args, output):
     tensor, or a tuple of them) through the call's BackwardHook."""
     calls = module.__dict__.get(_CALLS)
     hook = calls.pop() if calls else None
+    if not calls and module.__dict__.get(_DROP) and not torch.compiler.is_compiling():
+        _drop_runners_if_unhooked(module)  # (the last hook went during this forward: it ends now)
     if hook is None or output is None:
         return None
     given = _as_tensors(output if isinstance(output, tuple) else (output,))
@@ -101,12 +106,18 @@ def _drop_runners_if_unhooked(module) -> None:
     full, pre = _hooks_of(module)
     runners = module.__dict__.get(_RUNNERS)
     if full or pre or runners is None:
+        module.__dict__.pop(_DROP, None)
+        return
+    if module.__dict__.get(_CALLS):  # (removed during a forward: that call's hooks still fire, as torch's)
+        module.__dict__[_DROP] = True
         return
     before, after = runners
-    module._forward_pre_hooks.pop(before, None)
-    module._forward_hooks.pop(after, None)
-    module._forward_hooks_always_called.pop(after, None)
-    for key in (_FULL, _PRE, _RUNNERS, _CALLS):
+    if module._forward_pre_hooks.get(before) is _wrap_inputs:  # (an id torch may have given another hook since)
+        del module._forward_pre_hooks[before]
+    if module._forward_hooks.get(after) is _wrap_outputs:
+        del module._forward_hooks[after]
+        module._forward_hooks_always_called.pop(after, None)
+    for key in (_FULL, _PRE, _RUNNERS, _CALLS, _DROP):
         module.__dict__.pop(key, None)
 
 
@@ -133,6 +144,50 @@ def copy_backward_hooks(source, target) -> None:
         target.register_full_backward_hook(hook)
     for hook in pre:
         target.register_full_backward_pre_hook(hook)
+
+
+def _runners_of(module) -> tuple[int, int]:
+    """The ids of ``module``'s two runners: those it holds already, in their
+    places (a module copied with its forward hooks but not its tables, as
+    compress did before, or pickled so: a second pair made every hook fire
+    twice), the extra ones taken out, else a new pair at the end."""
+    before = [k for k, h in module._forward_pre_hooks.items() if h is _wrap_inputs]
+    after = [k for k, h in module._forward_hooks.items() if h is _wrap_outputs]
+    if before and after:
+        for k in before[1:]:
+            del module._forward_pre_hooks[k]
+        for k in after[1:]:
+            del module._forward_hooks[k]
+            module._forward_hooks_always_called.pop(k, None)
+        module._forward_hooks_always_called[after[0]] = True
+        return before[0], after[0]
+    for k in before:
+        del module._forward_pre_hooks[k]
+    for k in after:
+        del module._forward_hooks[k]
+        module._forward_hooks_always_called.pop(k, None)
+    # (module-level functions: the module still deep-copies and pickles with them; always_call: a forward
+    # that raised has its entry go)
+    return (module.register_forward_pre_hook(_wrap_inputs).id,
+            module.register_forward_hook(_wrap_outputs, always_call=True).id)
+
+
+def place_runners(module, pre_order: list, post_order: list) -> None:
+    """Put ``module``'s forward pre-hooks and forward hooks in the order of
+    ``pre_order`` / ``post_order``: hook ids, where ``RUNNERS[0]`` /
+    ``RUNNERS[1]`` stands for its runner (left out where it holds none);
+    its hooks not named keep their order after them. ``formats.compress``
+    gives a compressed layer the source's order: a hook before the runner
+    sees (and changes) what the backward hooks see, as on the source."""
+    runners = module.__dict__.get(_RUNNERS)
+    for table, order, runner, index in ((module._forward_pre_hooks, pre_order, RUNNERS[0], 0),
+                                        (module._forward_hooks, post_order, RUNNERS[1], 1)):
+        ids = [(runners[index] if runners else None) if k is runner else k for k in order]
+        ids = [k for k in ids if k is not None and k in table]
+        ids += [k for k in table if k not in ids]
+        items = dict(table)
+        table.clear()
+        table.update((k, items[k]) for k in ids)
 
 
 class _HookHandle(RemovableHandle):
@@ -174,11 +229,7 @@ class SparseBackwardHooks:
             raise TypeError(f"hook must be callable; got {type(hook).__name__}")
         if _FULL not in self.__dict__:  # (the first hook of either kind: both tables and the two runners)
             self.__dict__[_FULL], self.__dict__[_PRE] = OrderedDict(), OrderedDict()
-            # (module-level functions: the module still deep-copies and pickles with them)
-            before = self.register_forward_pre_hook(_wrap_inputs)
-            # (always_call: a forward that raised has its entry go)
-            after = self.register_forward_hook(_wrap_outputs, always_call=True)
-            self.__dict__[_RUNNERS] = (before.id, after.id)
+            self.__dict__[_RUNNERS] = _runners_of(self)
         hooks = self.__dict__[kind]
         handle = _HookHandle(hooks, self)
         hooks[handle.id] = hook
