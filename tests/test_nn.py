@@ -597,9 +597,10 @@ def test_linear_names_fn_where_its_weight_is_asked_for():
 @pytest.mark.parametrize("make, error, match", [
     (lambda: spnn.BatchNorm(8, momentum="a"), TypeError, "momentum must be a real number"),
     (lambda: spnn.BatchNorm(8, 1e-5, 2.0), ValueError, r"momentum must be a number in \[0, 1\] or None; got 2.0"),
-    (lambda: spnn.BatchNorm(8, eps=-1), ValueError, "eps must be a positive finite number; got -1"),
+    (lambda: spnn.BatchNorm(8, eps=-1), ValueError, "eps must be a finite number >= 0; got -1"),
     (lambda: spnn.BatchNorm(8, affine="no"), TypeError, "affine must be True or False"),
     (lambda: spnn.BatchNorm(8, track_running_stats=1.0), TypeError, "track_running_stats must be True or False"),
+    (lambda: spnn.BatchNorm(8, affine=2), TypeError, "affine must be True or False"),
     (lambda: spnn.GELU(approximate="foo"), ValueError, "approximate must be 'none' or 'tanh'; got 'foo'"),
     (lambda: spnn.LeakyReLU("a"), TypeError, "negative_slope must be a real number"),
     (lambda: spnn.ELU(alpha=float("nan")), ValueError, "alpha must be a finite number"),
@@ -617,7 +618,10 @@ def test_module_options_torch_keeps_as_given_are_named_at_construction(make, err
 
 
 def test_module_options_in_range_still_build():
-    assert spnn.BatchNorm(8, momentum=None).momentum is None
+    """What torch takes stays taken: eps 0, the ints 0 and 1 for flags."""
+    assert spnn.BatchNorm(8, momentum=None).momentum is None and spnn.BatchNorm(8, eps=0).eps == 0
+    assert spnn.BatchNorm(8, affine=0, track_running_stats=1).affine is False
+    assert spnn.Linear(4, 2, bias=0).fn.bias is None and spnn.ReLU(inplace=1).fn.inplace is True
     assert spnn.BatchNorm(8, 1e-3, 0.5, False, False).affine is False
     assert spnn.LeakyReLU(0.2).fn.negative_slope == 0.2 and spnn.GELU("tanh").fn.approximate == "tanh"
     assert spnn.Linear(4, 2, False).fn.bias is None and spnn.ReLU(True).fn.inplace is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -714,14 +715,17 @@ class BatchNorm(SparseBackwardHooks, nn.BatchNorm1d):
         factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
         super().__init__(positive_int(num_features, "num_features"), *args, **factory, **kwargs)
         # torch keeps these as given: momentum="a" or eps=-1 failed in the first forward, affine="no" made weights
-        self.eps = F._check_eps(self.eps)
+        eps = as_float(self.eps, "eps")
+        if not (math.isfinite(eps) and eps >= 0):  # (0 is torch's too)
+            raise ValueError(f"eps must be a finite number >= 0; got {self.eps!r}")
+        self.eps = eps
         if self.momentum is not None:
             momentum = as_float(self.momentum, "momentum")
             if not 0 <= momentum <= 1:
                 raise ValueError(f"momentum must be a number in [0, 1] or None; got {self.momentum!r}")
             self.momentum = momentum
-        self.affine = as_bool(self.affine, "affine")
-        self.track_running_stats = as_bool(self.track_running_stats, "track_running_stats")
+        self.affine = _flag(self.affine, "affine")
+        self.track_running_stats = _flag(self.track_running_stats, "track_running_stats")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         _take_wrapped(state_dict, prefix, "bn.", "", ("weight", "bias", "running_mean", "running_var",
@@ -792,13 +796,22 @@ class _Pointwise(SparseBackwardHooks, nn.Module):
         return self.fn.extra_repr()
 
 
+def _flag(value, name: str) -> bool:
+    """A torch module's flag as a bool: a bool, or the ints 0 and 1 torch's
+    own code passes for them; a TypeError naming ``name`` for anything else
+    (``"no"``, a float, None), which torch took by truthiness."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value in (0, 1):
+        return bool(value)
+    return as_bool(value, name)
+
+
 def _check_options(fn: nn.Module) -> None:
     """The options of a wrapped torch module, which torch keeps as given
     (``inplace="yes"``, ``LeakyReLU("a")`` and ``GELU(approximate="foo")``
     failed in the first forward, if at all): a TypeError / ValueError
     naming the option."""
     if hasattr(fn, "inplace"):
-        fn.inplace = as_bool(fn.inplace, "inplace")
+        fn.inplace = _flag(fn.inplace, "inplace")
     for option in ("negative_slope", "alpha"):  # (LeakyReLU's, ELU's)
         if hasattr(fn, option):
             value = as_float(getattr(fn, option), option)
@@ -843,7 +856,7 @@ class Linear(_Pointwise):
                              f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
         factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
         if args or "bias" in kwargs:  # (torch's test is truthiness: bias="no" made a bias)
-            as_bool(args[0] if args else kwargs["bias"], "bias")
+            _flag(args[0] if args else kwargs["bias"], "bias")
         super().__init__(in_features, out_features, *args, **factory, **kwargs)
 
     # (torch's Linear's names, asked of the wrapper: torch's pruning functions, a user's layer.weight)
