@@ -630,6 +630,10 @@ def test_fold_linear_batchnorm_checks():
         fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(4, track_running_stats=False))
     with pytest.raises(ValueError, match="bn has 5 features but linear 4 outputs"):
         fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(5))
+    damaged = torch.nn.BatchNorm1d(4).eval()
+    damaged.running_var[0] = -1.0  # (NaN weights, silently)
+    with pytest.raises(ValueError, match=r"bn\.running_var holds negative values"):
+        fold_linear_batchnorm(linear, damaged)
     assert torch.equal(linear.weight, weight) and torch.equal(linear.bias, bias)
     for name in ("weight", "bias"):
         pruned = torch.nn.Linear(3, 4)

@@ -74,6 +74,9 @@ def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
         raise refusal
     if bn.num_features != linear.out_features:
         raise ValueError(f"bn has {bn.num_features} features but linear {linear.out_features} outputs")
+    if bool((bn.running_var.detach() < 0).any()):  # (as fold_batchnorm: NaN weights, silently)
+        raise ValueError("fold_linear_batchnorm: bn.running_var holds negative values, but a running variance is "
+                         ">= 0 (a damaged state)")
     with torch.no_grad():
         scale, new_bias = _batchnorm_scale_bias(bn, linear.bias)
         w = linear.weight  # (new tensors: a weight tied elsewhere keeps its values)
