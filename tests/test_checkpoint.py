@@ -464,7 +464,6 @@ def test_library_loaders_refuse_weights_that_hold_nan_or_inf(tmp_path, bad):
             load(path, allow_non_finite="yes")
 
 
-
 def test_library_loaders_refuse_a_negative_running_variance(tmp_path):
     """A BatchNorm's running_var below zero (finite: the NaN check passed it)
     loaded silently; every output was NaN, and predict wrote class 0 for
@@ -484,6 +483,7 @@ def test_library_loaders_refuse_a_negative_running_variance(tmp_path):
                                              r"running variance is >= 0: a damaged file; .*allow_non_finite=True"):
             load(path)
     assert load_model(path, allow_non_finite=True).state_dict()[name][2] == -0.5
+
 
 def test_an_out_that_is_a_file_is_refused(tmp_path):
     """--out naming a file: a ValueError naming it (was FileExistsError from mkdir)."""

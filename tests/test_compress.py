@@ -959,6 +959,7 @@ def test_the_formats_import_no_compiler_and_an_unpickled_layer_still_runs_outsid
                          timeout=300, env=dict(os.environ, PYTHONPATH=root))
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
+
 class _FeatsAndCoords(torch.nn.Module):
     """A conv called on plain tensors, as torch.export takes them."""
 

@@ -1466,7 +1466,7 @@ def test_build_takes_api_md_positional_order_and_pairs_are_int64(method):
 
 
 @pytest.mark.parametrize("device, error", [("banana", ValueError), (None, TypeError), (1.5, TypeError)])
-def test_a_kernel_map_to_a_device_that_is_none_is_named(device, error):
+def test_a_kernel_map_to_what_is_no_device_is_named(device, error):
     """torch's bare RuntimeError ("Expected one of cpu, cuda, ...") before;
     SparseTensor.to named it already."""
     kmap = km.build(torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32), 3)

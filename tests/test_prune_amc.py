@@ -63,7 +63,6 @@ def test_flops_reward_and_uniform_baseline():
     assert amc.flops_for(infos, {"0": u - 0.05, "2": u - 0.05}) > 0.5 * res.dense_flops
 
 
-
 @pytest.mark.parametrize("ratio", [-1.0, 1.5, float("nan")])
 def test_ratios_and_targets_outside_their_range_are_named(ratio):
     """flops_for took a ratio of -3 (four times the dense FLOPs) or 5, and a

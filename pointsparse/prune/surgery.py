@@ -487,7 +487,9 @@ def kept_count(channels: int, ratio: float) -> int:
     group of the same producer keep as many channels. ``channels`` an int
     >= 1, ``ratio`` in [0, 1] (a ValueError / TypeError naming it: -1 kept
     twice the channels, nan raised int()'s error)."""
-    if isinstance(channels, bool) or as_int(channels, "channels") < 1:
+    if isinstance(channels, bool):
+        raise TypeError(f"channels must be an int >= 1; got {channels!r}")
+    if as_int(channels, "channels") < 1:
         raise ValueError(f"channels must be an int >= 1; got {channels!r}")
     ratio = check_fraction(ratio, "ratio", high_open=False)
     # (Python's round, half to even, kept 2 of 5 channels at 0.5 where the coupled path keeps 3)
