@@ -150,7 +150,7 @@ def cpu_name() -> str:
 
 
 def environment() -> dict:
-    return {
+    env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -159,6 +159,10 @@ def environment() -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
+    for name in ("POINTSPARSE_ISA", "POINTSPARSE_AVX512_FULL_WIDTH"):  # (a page run as another CPU says so)
+        if os.environ.get(name, "").strip():
+            env[name] = os.environ[name].strip()
+    return env
 
 
 def timeit(fn, repeats: int = 7, warmup: int = 1) -> float:
