@@ -14,6 +14,7 @@ from torch.nn.utils import prune
 import pointsparse
 from pointsparse import formats as F
 from pointsparse import nn as psnn
+from reference import run_python
 
 FORMATS = [("coo", {}), ("csr", {}), ("csc", {}), ("bsr", {"blocksize": (2, 4)}),
            ("nm", {"n": 2, "m": 4, "prune": True}), ("eie", {"num_pe": 4}), ("fkw", {})]
@@ -925,10 +926,6 @@ def test_the_formats_import_no_compiler_and_an_unpickled_layer_still_runs_outsid
     with the process's first layer now, or its first unpickled one: a fresh
     process that loads a compressed model refuses it under fullgraph=True as
     before, naming the layer, and runs it eagerly as the parent did."""
-    import os
-    import subprocess
-    import sys
-
     torch.manual_seed(0)
     x = _sparse_input(channels=4)
     model = torch.nn.Sequential(psnn.Conv3d(4, 5, 3), psnn.Linear(5, 3))
@@ -943,7 +940,7 @@ def test_the_formats_import_no_compiler_and_an_unpickled_layer_still_runs_outsid
             "import pointsparse.formats, pointsparse.prune as prune\n"
             "prune.sparsity_report(torch.nn.Sequential(pointsparse.nn.Conv3d(2, 3, 3)))\n"
             "assert 'torch._dynamo' not in sys.modules\n"
-            "sparse, x, want = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            f"sparse, x, want = pickle.loads(open({str(tmp_path / 'm.pkl')!r}, 'rb').read())\n"
             "with torch.no_grad():\n"
             "    assert torch.equal(sparse(x).feats, want)\n"
             "    for layer, arg in ((sparse[0], x), (sparse[1].fn, torch.randn(7, 5))):\n"
@@ -954,9 +951,7 @@ def test_the_formats_import_no_compiler_and_an_unpickled_layer_still_runs_outsid
             "        else:\n"
             "            raise AssertionError('compiled in one graph')\n"
             "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(pointsparse.__file__))
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, PYTHONPATH=root))
+    run = run_python(code, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import pointsparse.prune as prune
 from prune_support import SparseConv, naive_sparse_conv, set_weight, sparse_input
+from reference import run_python
 
 
 def linear(values) -> nn.Linear:
@@ -670,8 +671,6 @@ def test_an_unpickled_skeleton_makes_its_fold_outside_graphs(tmp_path):
     it too (before a first compiled call could meet it unmade), and its
     fold gives the forward of before the pickle."""
     import pickle
-    import subprocess
-    import sys
 
     make, x, forward = _skeleton_layer("conv3d")
     module = make()
@@ -683,17 +682,13 @@ def test_an_unpickled_skeleton_makes_its_fold_outside_graphs(tmp_path):
     code = ("import pickle, sys, torch\n"
             "from pointsparse.prune import stripe\n"
             "assert stripe._fold_outside_graphs is None and 'torch._dynamo' not in sys.modules\n"
-            "module, x, want = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            f"module, x, want = pickle.loads(open({str(tmp_path / 'm.pkl')!r}, 'rb').read())\n"
             "assert stripe._fold_outside_graphs is not None\n"
             "with torch.no_grad():\n"
             "    torch.testing.assert_close(module(x), want)\n"
             "assert not hasattr(module, 'weight_skeleton')\n"
             "print('ok')\n")
-    import os
-
-    root = os.path.dirname(os.path.dirname(prune.__file__.rsplit(os.sep, 1)[0]))
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl")], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    run = run_python(code)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
