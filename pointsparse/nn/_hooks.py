@@ -153,19 +153,15 @@ def _runners_of(module) -> tuple[int, int]:
     twice), the extra ones taken out, else a new pair at the end."""
     before = [k for k, h in module._forward_pre_hooks.items() if h is _wrap_inputs]
     after = [k for k, h in module._forward_hooks.items() if h is _wrap_outputs]
-    if before and after:
-        for k in before[1:]:
-            del module._forward_pre_hooks[k]
-        for k in after[1:]:
-            del module._forward_hooks[k]
-            module._forward_hooks_always_called.pop(k, None)
-        module._forward_hooks_always_called[after[0]] = True
-        return before[0], after[0]
-    for k in before:
+    keep = int(bool(before and after))  # (the first of each pair kept, where there is a pair)
+    for k in before[keep:]:
         del module._forward_pre_hooks[k]
-    for k in after:
+    for k in after[keep:]:
         del module._forward_hooks[k]
         module._forward_hooks_always_called.pop(k, None)
+    if keep:
+        module._forward_hooks_always_called[after[0]] = True
+        return before[0], after[0]
     # (module-level functions: the module still deep-copies and pickles with them; always_call: a forward
     # that raised has its entry go)
     return (module.register_forward_pre_hook(_wrap_inputs).id,
