@@ -29,9 +29,7 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has {bn.num_features} features but conv {conv.out_channels} output channels")
-    if bool((bn.running_var.detach() < 0).any()):  # (the fold wrote NaN into conv.weight, silently)
-        raise ValueError("fold_batchnorm: bn.running_var holds negative values, but a running variance is >= 0 (a "
-                         "damaged state)")
+    _check_variance(bn, "fold_batchnorm")
     if conv.relu:  # relu(conv) then bn: no weight and bias give that
         raise ValueError("fold_batchnorm: conv runs a ReLU on its output (relu=True); a BatchNorm after the "
                          "ReLU cannot be folded into its weight and bias")
@@ -74,15 +72,21 @@ def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
         raise refusal
     if bn.num_features != linear.out_features:
         raise ValueError(f"bn has {bn.num_features} features but linear {linear.out_features} outputs")
-    if bool((bn.running_var.detach() < 0).any()):  # (as fold_batchnorm: NaN weights, silently)
-        raise ValueError("fold_linear_batchnorm: bn.running_var holds negative values, but a running variance is "
-                         ">= 0 (a damaged state)")
+    _check_variance(bn, "fold_linear_batchnorm")
     with torch.no_grad():
         scale, new_bias = _batchnorm_scale_bias(bn, linear.bias)
         w = linear.weight  # (new tensors: a weight tied elsewhere keeps its values)
         trains = _bias_trains(linear.bias, w)
         linear.weight = nn.Parameter((w.double() * scale[:, None]).to(w.dtype), w.requires_grad)
         linear.bias = nn.Parameter(new_bias.to(w.dtype), trains)
+
+
+def _check_variance(bn: nn.BatchNorm1d, fold: str) -> None:
+    """A ValueError where ``bn.running_var`` holds a value below zero (a
+    damaged state): its fold wrote NaN weights, silently."""
+    if bool((bn.running_var.detach() < 0).any()):
+        raise ValueError(f"{fold}: bn.running_var holds negative values, but a running variance is >= 0 (a damaged "
+                         "state)")
 
 
 def _bias_trains(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
