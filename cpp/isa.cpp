@@ -157,7 +157,7 @@ bool avx512_full_width_detected() {  // (the CPU's answer: no cap, no override)
 bool avx512_full_width() {
   if (best_isa() != Isa::avx512) return false;  // (capped below it: set_isa_limit)
   const int set = g_full_width_set.load(std::memory_order_relaxed);
-  return set >= 0 ? set == 1 && isa_runs(Isa::avx512) : avx512_full_width_detected();
+  return set >= 0 ? set == 1 : avx512_full_width_detected();  // (best_isa() avx512: the build runs)
 }
 
 void set_avx512_full_width(int value) { g_full_width_set.store(value < 0 ? -1 : value ? 1 : 0); }
