@@ -595,10 +595,208 @@ def case_compressed(rng):
                 assert a.dtype == other and torch.equal(a, b), f"{where}: .to({other}) is not the converted conv"
 
 
+# ------------------------------------------------------------------ thread counts
+
+def _at_threads(run, counts=(1, 2)):
+    """``run()`` under each of ``counts`` threads (the core's and torch's),
+    each on fresh inputs it builds itself (so no map or plan is shared)."""
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for nt in counts:
+            torch.set_num_threads(nt)
+            with _ext.threads_here(nt):
+                out.append(run())
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _same_bits(results, names, where: str) -> None:
+    """Every thread count's tensors equal the first's bit for bit."""
+    first = results[0]
+    for nt, other in zip((2, 3), results[1:]):
+        for name, a, b in zip(names, first, other):
+            same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            if not same and a.shape == b.shape and a.is_floating_point():
+                same = f"max |1 thread - {nt}| {float((a.double() - b.double()).abs().max()):.3g}"
+            assert same is True, f"{where}: {name} at {nt} threads is not the 1-thread result ({same or 'shape'})"
+
+
+def case_threads(rng):
+    """Clouds of thousands of rows (where the core splits its work between
+    threads) through the public entry points at 1 and 2 threads: a pruned
+    conv's forward and both gradients (strided, transposed, dilated, with a
+    kernel region, bias, ReLU), voxelize and its gradient, the map builders,
+    pooling, a compressed conv and a pruned conv + batch norm + transposed
+    conv network, each bit for bit the same at both counts (the conv also
+    against torch's float64 sum). One case in eight is a cloud too large or
+    too far apart for a key, which must be refused before any work."""
+    from pointsparse import formats, prune
+    from pointsparse import nn as pnn
+    from reference import conv_sum, random_coords
+
+    extent = int(rng.integers(12, 60))
+    seed = int(rng.integers(1 << 30))
+    coords = random_coords(int(_pick(rng, [2000, 6000, 20000])), extent, seed=seed)
+    rows = len(coords)
+    part = _pick(rng, ["conv", "conv", "conv", "voxelize", "kmap", "pool", "compressed", "network", "refused"])
+    where = f"{part} on {rows} rows (extent {extent})"
+    if part == "refused":  # a span no 63-bit key holds, from points or coordinates
+        if rng.random() < 0.5:
+            pts = torch.from_numpy(rng.standard_normal((rows, 3)) * 10)
+            pts[0] = torch.tensor([2.0**40, -2.0**40, 2.0**40])
+            ps.voxelize(pts, None, voxel_size=1e-3)
+        else:
+            far = coords.clone()
+            far[0, 1:] = torch.tensor([-2**31, 2**31 - 1, -2**31], dtype=far.dtype)
+            far[-1, 1:] = torch.tensor([2**31 - 1, -2**31, 2**31 - 1], dtype=far.dtype)
+            kmap.build(far, 3)
+        raise AssertionError(f"{where}: a span no key holds was accepted")
+    dtype = _pick(rng, [torch.float32, torch.float32, torch.float64])
+
+    if part == "conv":
+        c_in, c_out = _channels(rng), _channels(rng)
+        k, t, transposed = _pick(rng, [(3, 1, False), (2, 2, False), (3, 2, False), (2, 2, True), ((3, 1, 3), 1, False),
+                                       (1, 1, False)])
+        d = 2 if t == 1 and rng.random() < 0.2 else 1
+        region = "cross" if k == 3 and t == 1 and rng.random() < 0.2 else None
+        volume = int(np.prod(k)) if isinstance(k, tuple) else k ** 3
+        w = _pruned_weight(rng, volume, c_in, c_out, dtype)
+        masked = rng.random() < 0.5
+        bias = torch.from_numpy(rng.standard_normal(c_out)).to(dtype) if rng.random() < 0.5 else None
+        relu = bool(rng.random() < 0.3)
+        feats = torch.from_numpy(rng.standard_normal((rows, c_in))).to(dtype)
+        grad = {}
+
+        def run():
+            x = ps.SparseTensor(feats, coords.clone())
+            if transposed:  # the strided tensor and its cache, as a decoder meets them
+                down = F.conv3d(x, torch.zeros(8, c_in, c_in, dtype=dtype), 2, 2)
+                x = down.with_feats(torch.from_numpy(np.random.default_rng(seed).standard_normal(
+                    tuple(down.feats.shape))).to(dtype))
+            f, wd = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
+            y = F.conv3d(x.with_feats(f), wd, k, t, d, bias=bias, transposed=transposed, relu=relu,
+                         kernel_region=region, weight_mask=(w != 0).to(dtype) if masked else None)
+            if "g" not in grad:
+                grad["g"] = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal(
+                    tuple(y.feats.shape))).to(dtype)
+            gf, gw = torch.autograd.grad(y.feats, (f, wd), grad["g"])
+            return [y.coords, y.feats.detach(), gf, gw], (x, y)
+
+        with _accepted("the conv"):
+            results = _at_threads(run)
+        _same_bits([r for r, _ in results], ("coords", "forward", "input gradient", "weight gradient"), where)
+        x, y = results[0][1]
+        m = kmap.get_kmap(x, k, t, d, transposed)
+        wd = w.double()
+        if region is not None:
+            wd = wd * F.region_of(k, region).to(wd).view(-1, 1, 1)
+        ref = conv_sum(x.feats.double(), wd, m) + (0 if bias is None else bias.double())
+        ref = ref.clamp_min(0) if relu else ref
+        got = results[0][0][1]
+        tol = (1e-4 if dtype == torch.float32 else 1e-10) * (float(ref.abs().max()) + 1 if ref.numel() else 1)
+        err = float((got.double() - ref).abs().max()) if ref.numel() else 0.0
+        assert err <= tol * max(c_in, c_out, 8), f"{where}: forward {err:.3g} from torch's sum"
+        return
+
+    if part == "voxelize":
+        pts = torch.from_numpy(rng.standard_normal((rows * 4, 3)) * extent / 4)
+        values = torch.from_numpy(rng.standard_normal((rows * 4, int(rng.integers(1, 6))))).to(dtype)
+        batch = torch.from_numpy(rng.integers(0, 3, rows * 4))
+        reduce = _pick(rng, ["mean", "max", "sum", "first"])
+        size = float(_pick(rng, [0.05, 0.2, 0.5]))
+
+        def run():
+            v = values.clone().requires_grad_()
+            x, inverse = ps.voxelize(pts, v, voxel_size=size, batch=batch, reduce=reduce)
+            (g,) = torch.autograd.grad(x.feats, v, torch.ones_like(x.feats)) if reduce != "first" else (torch.zeros(0),)
+            return [x.coords, x.feats.detach(), inverse, g]
+
+        with _accepted("voxelize"):
+            results = _at_threads(run)
+        _same_bits(results, ("coords", "feats", "inverse", "gradient"), f"{where} {reduce} @ {size}")
+        return
+
+    if part == "kmap":
+        k, t = _pick(rng, [(3, 1), (2, 2), (3, 2), (5, 1)])
+        method = _pick(rng, ["mergesort", "hash", "torch"])
+        coords = coords.clone()
+        with _accepted("kmap.build"):
+            results = _at_threads(lambda: [(m := kmap.build(coords, k, t, method=method)).out_coords, m.sizes,
+                                           m.in_idx, m.out_idx])
+        _same_bits(results, ("out_coords", "sizes", "in_idx", "out_idx"), f"{where} k={k} s={t} {method}")
+        ref = kmap_reference(coords, k, t)
+        assert torch.equal(results[0][0].to(torch.int64), ref[0].to(torch.int64)), f"{where}: out_coords not the reference's"
+        return
+
+    channels = _channels(rng)
+    feats = torch.from_numpy(rng.standard_normal((rows, channels))).to(dtype)
+    if part == "pool":
+        def run():
+            x = ps.SparseTensor(feats, coords.clone())
+            a, b = F.max_pool3d(x, 2, 2), F.avg_pool3d(x, 3, 2)
+            return [a.coords, a.feats, b.coords, b.feats, F.global_avg_pool(x), F.global_max_pool(x)]
+
+        with _accepted("pooling"):
+            results = _at_threads(run)
+        _same_bits(results, ("max coords", "max", "avg coords", "avg", "global avg", "global max"), where)
+        return
+
+    torch.manual_seed(seed)
+    if part == "compressed":
+        conv = pnn.Conv3d(channels, _channels(rng), 3, bias=True).to(dtype)
+        with torch.no_grad():
+            conv.weight.copy_(_pruned_weight(rng, 27, conv.weight.shape[1], conv.weight.shape[2], dtype))
+        fmt = _pick(rng, ["coo", "csr", "csc", "bsr", "eie", "fkw"])
+        layer = formats.compress(conv.eval(), fmt)
+
+        def run():
+            x = ps.SparseTensor(feats, coords.clone())
+            out = []
+            with torch.no_grad():
+                for execution in ("engine", "format"):
+                    layer.execution = execution
+                    out.append(layer(x).feats)
+            return out
+
+        with _accepted("the compressed conv"):
+            results = _at_threads(run)
+        _same_bits(results, ("engine", "format"), f"{where} {fmt}")
+        return
+
+    width = _channels(rng)
+    net = torch.nn.ModuleDict({"a": pnn.Conv3d(channels, width, 3), "bn": pnn.BatchNorm(width),
+                               "down": pnn.Conv3d(width, width, 2, 2),
+                               "up": pnn.Conv3d(width, channels, 2, 2, transposed=True)}).to(dtype)
+    for name in ("a", "down", "up"):
+        kind = _pick(rng, sorted(k for k in _PRUNINGS if k != "bad_amount"))
+        try:
+            _PRUNINGS[kind](prune, net[name], float(rng.uniform(0.1, 0.9)))
+        except NAMED:
+            pass
+    net.eval()  # (torch's training BatchNorm sums in an order of its thread count)
+    # The engine's parameters (the convs'): torch's batch norm sums its own
+    # weight and bias gradients over the rows in an order of its thread count.
+    ours = [(n, p) for n, p in net.named_parameters() if p.requires_grad and not n.startswith("bn.")]
+
+    def run():
+        x = ps.SparseTensor(feats.clone().requires_grad_(), coords.clone())
+        y = net["a"](x)
+        y = net["down"](y.with_feats(torch.relu(net["bn"](y).feats)))
+        y = net["up"](y)
+        grads = torch.autograd.grad(y.feats.square().sum(), [x.feats] + [p for _, p in ours])
+        return [y.coords, y.feats.detach(), *grads]
+
+    with _accepted("the pruned network"):
+        results = _at_threads(run)
+    _same_bits(results, ["coords", "output", "input gradient"] + [n for n, _ in ours], where)
+
+
 FAMILIES = {"sparse_tensor": case_sparse_tensor, "voxelize": case_voxelize, "kmap": case_kmap, "conv": case_conv,
             "readers": case_readers, "formats": case_formats, "cli": case_cli,
             "pruned_conv": case_pruned_conv, "pruned_module": case_pruned_module,
-            "compressed": case_compressed}
+            "compressed": case_compressed, "threads": case_threads}
 
 
 def run_case(family: str, seed: int, index: int) -> dict:

@@ -4,7 +4,12 @@ Each family runs in a child process: a crash (a signal), a hang (the family's
 time limit) or a runaway case (one case over CASE_SECONDS) fails the test
 and names the case; so does an error of another type than ValueError /
 TypeError, an error without a message, or a result that disagrees with the
-naive reference. ``FUZZ_SEED`` and ``FUZZ_COUNT`` choose other cases."""
+naive reference. ``FUZZ_SEED`` chooses other cases.
+
+Each family also runs a quarter of its cases on a seed of the day (UTC,
+``YYYYMMDD``; ``FUZZ_DAY_SEED`` sets it, ``FUZZ_DAY_SEED=0`` leaves these
+out), so that CI meets new cases over time; a failure names its seed and the
+command that reruns the case."""
 
 from __future__ import annotations
 
@@ -12,21 +17,25 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("FUZZ_SEED", "20261130"))
+DAY_SEED = int(os.environ.get("FUZZ_DAY_SEED", time.strftime("%Y%m%d", time.gmtime())))
 COUNTS = {"sparse_tensor": 600, "voxelize": 500, "kmap": 400, "conv": 300, "readers": 600, "formats": 600, "cli": 600,
-          "pruned_conv": 150, "pruned_module": 300, "compressed": 200}
+          "pruned_conv": 150, "pruned_module": 300, "compressed": 200, "threads": 40}
+#: The families that compare thread counts: they need two processors.
+TWO_THREADS = {"threads"}
 CASE_SECONDS = 20.0
 FAMILY_SECONDS = 240
 
 
-def _run(family: str, count: int):
+def _run(family: str, count: int, seed: int):
     env = dict(os.environ, PYTHONPATH=str(ROOT), FUZZ_COUNT=str(count), POINTSPARSE_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "tests" / "fuzz_cases.py"), family, str(SEED)]
+    cmd = [sys.executable, str(ROOT / "tests" / "fuzz_cases.py"), family, str(seed)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env,
                               timeout=FAMILY_SECONDS)
@@ -40,24 +49,43 @@ def _run(family: str, count: int):
     return lines, code, hung, stderr
 
 
+def _cases():
+    """(family, seed, count): every family on the fixed seed, then a quarter
+    of its cases on the day's seed."""
+    out = [(family, SEED, count) for family, count in sorted(COUNTS.items())]
+    if DAY_SEED and DAY_SEED != SEED:
+        out += [(family, DAY_SEED, max(10, count // 4)) for family, count in sorted(COUNTS.items())]
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(COUNTS))
-def test_fuzz_family(family):
-    lines, code, hung, stderr = _run(family, COUNTS[family])
+@pytest.mark.parametrize("family, seed, count", _cases(), ids=lambda v: str(v))
+def test_fuzz_family(family, seed, count):
+    if family in TWO_THREADS and _ext_max_threads() < 2:
+        pytest.skip(f"{family} compares 1 and 2 threads; this process may run on one processor")
+    lines, code, hung, stderr = _run(family, count, seed)
     started = [r["start"] for r in lines if "start" in r]
     results = [r for r in lines if "result" in r]
-    rerun = f"python tests/fuzz_cases.py {family} {SEED} {{}}"
+    rerun = f"python tests/fuzz_cases.py {family} {seed} {{}}"
     if hung or code != 0:
         last = started[-1] if started else None
         what = "hung (no answer within the time limit)" if hung else f"crashed (exit status {code})"
         pytest.fail(f"{family} case {last} {what}; rerun: {rerun.format(last)}\n{stderr[-2000:]}")
-    assert len(results) == COUNTS[family]
+    assert len(results) == count
     bad = [r for r in results if r["result"] in ("unnamed", "wrong")]
     slow = [r for r in results if r["seconds"] > CASE_SECONDS]
     report = "\n".join(f"case {r['index']}: {r['result']}: {r.get('msg')}\n{r.get('where', '')}  rerun: "
                        f"{rerun.format(r['index'])}" for r in bad[:5])
     assert not bad, f"{len(bad)} of {len(results)} {family} cases failed:\n{report}"
     assert not slow, f"runaway work in {family}: " + ", ".join(f"case {r['index']} took {r['seconds']} s" for r in slow)
-    # Not vacuous: the cases reach both valid results and refusals.
+    # Not vacuous: the fixed seed's cases reach both valid results and
+    # refusals (a day's quarter may draw too few cases to meet both).
     outcomes = {r["result"] for r in results}
-    assert "ok" in outcomes and "refused" in outcomes, f"{family}: only {outcomes}"
+    assert seed != SEED or "ok" in outcomes and "refused" in outcomes, f"{family}: only {outcomes}"
+
+
+def _ext_max_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        return os.cpu_count() or 1
