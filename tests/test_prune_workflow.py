@@ -1453,3 +1453,26 @@ def test_a_loaded_masked_model_deep_copies_after_a_training_forward(tmp_path):
         assert stem.weight_orig.grad is not None and stem.weight_orig.grad.abs().sum() > 0
         twin = copy.deepcopy(model)
         assert torch.equal(twin(x).feats, model(x).feats)
+
+
+def test_prune_channels_names_data_of_other_channels_than_the_checkpoints_model(tmp_path, capsys):
+    """A checkpoint that records no data of its run (config and weights
+    alone, as ``models.model_from_state`` reads them) took generated scenes
+    (7 feature channels) for channels' example input; a model of 4 input
+    channels then failed with its own 'MinkUNet was built for 4 input
+    channels; got 7', naming neither the data nor why it was read. The
+    refusal now names the data taken and what to pass."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    config = {"model": "minkunet", "in_channels": 4, "classes": list("abcde"), "cr": 0.25, "blocks": 1,
+              "voxel_size": 0.2}
+    net = MinkUNet(4, 5, cr=0.25, blocks=1)
+    path = tmp_path / "bare.pt"
+    checkpoint.save(path, {"config": config, "model": net.state_dict()})
+    assert cli.main(["prune", "channels", "--checkpoint", str(path), "--ratio", "0.5",
+                     "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert ("generated scenes (the checkpoint records no data of its run): 7 feature channels a voxel, but the "
+            "checkpoint's minkunet model takes 4: pass --data") in err, err
+    assert not (tmp_path / "out").exists()

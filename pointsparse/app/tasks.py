@@ -245,7 +245,14 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
 
             check_data_classes(source.classes, config["classes"], "--data" if data else "the run's data")
     dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))
-    return [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
+    batches = [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
+    want, got = config.get("in_channels"), batches[0].input.num_channels
+    if isinstance(want, int) and got != want:  # (the model's own check named neither the data nor why it was read)
+        where = (f"--data {' '.join(map(str, data))}" if data else "the run's data" if saved.get("data")
+                 else "generated scenes (the checkpoint records no data of its run)")
+        raise ValueError(f"{where}: {got} feature channels a voxel, but the checkpoint's {config.get('model', 'model')} model "
+                         f"takes {want}: pass --data with clouds of the features it was trained on")
+    return batches
 
 
 def require_labelled(batches, ignore_index: int, what: str, data=None, num_classes: int | None = None) -> None:
