@@ -422,3 +422,32 @@ def test_netadapt_refusal_of_the_default_latency_says_it_was_the_default(tmp_pat
     assert err.startswith("pointsparse prune: error: --latency 0.05 (task scene's default: none given): NetAdapt's "
                           "narrowest widths"), err
     assert not out.exists()
+
+
+def test_help_after_a_procedure_lists_the_flags_it_reads(capsys):
+    """``pointsparse prune channels --help`` printed every procedure's flags
+    (amc's episodes, the lottery's rewind, ...) beside channels' own. After
+    a procedure's name the help now lists the flags that procedure reads
+    (prune.READ_BY; --square, --pairs and --panels: vectors'), --out and
+    --checkpoint for every one; before it, every procedure's."""
+    from pointsparse.app import prune
+
+    parser = cli.build_parser()
+    flags = {a.option_strings[-1]: a.dest for a in parser._subparsers._group_actions[0].choices["prune"]._actions
+             if a.option_strings and a.dest != "help"}
+    seen = {}
+    for procedure in prune.PROCEDURES:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["prune", procedure, "--help"])
+        assert stop.value.code == 0
+        out = capsys.readouterr().out
+        listed = set(re.findall(r"^  (--[\w-]+)", out, re.M))
+        want = {flag for flag, dest in flags.items() if prune.reads(dest, procedure)}
+        assert listed == want, (procedure, listed ^ want)
+        assert {"--out", "--checkpoint"} <= listed and f"pointsparse prune {procedure}` reads" in out
+        seen[procedure] = listed
+    assert {"--ratio", "--criterion", "--data"} <= seen["channels"] and "--episodes" not in seen["channels"]
+    assert {"--episodes", "--flops"} <= seen["amc"] and "--panels" in seen["vectors"] - seen["offsets"]
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--help"])
+    assert set(re.findall(r"^  (--[\w-]+)", capsys.readouterr().out, re.M)) == set(flags)

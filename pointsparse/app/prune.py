@@ -33,6 +33,7 @@ four print what they found and write no file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -99,6 +100,37 @@ def add_arguments(parser) -> None:
                              "(default 0)")
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
     channels.add_arguments(parser)
+    for action in parser._actions:  # ``prune PROCEDURE --help``: that procedure's flags alone
+        if isinstance(action, argparse._HelpAction):
+            action.__class__ = _ProcedureHelp
+
+
+#: Flags one procedure reads that READ_BY leaves to main's own check.
+_VECTORS_ONLY = ("square", "pairs", "panels")
+
+
+def reads(dest: str, procedure: str) -> bool:
+    """Whether ``prune procedure`` reads the flag stored in ``dest`` (--out
+    and --checkpoint: every procedure)."""
+    if dest in READ_BY:
+        return procedure in READ_BY[dest]
+    return procedure == "vectors" if dest in _VECTORS_ONLY else True
+
+
+class _ProcedureHelp(argparse._HelpAction):
+    """-h after a procedure's name (``prune channels --help``) lists the
+    flags that procedure reads; before one, every procedure's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        procedure = getattr(namespace, "procedure", None)
+        if procedure in PROCEDURES:
+            for action in parser._actions:
+                if action.option_strings and not isinstance(action, argparse._HelpAction) \
+                        and not reads(action.dest, procedure):
+                    action.help = argparse.SUPPRESS
+            parser.description = (f"The flags `{parser.prog} {procedure}` reads (`{parser.prog} --help`: every "
+                                  "procedure's).")
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _task(args):
