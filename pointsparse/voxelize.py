@@ -433,7 +433,11 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     """Voxel features back to points, differentiable in ``tensor.feats``.
 
     ``mode="nearest"``: ``tensor.feats[inverse]`` with the inverse map from
-    :func:`voxelize`. ``mode="trilinear"``: interpolate over the 8 voxels around
+    :func:`voxelize`, which indexes the stride-1 voxels: a tensor at another
+    stride (after a strided conv or pooling) has other rows, which
+    ``inverse`` then must index (as a map of the points into those voxels
+    does); voxelize's would read other voxels' features wherever its rows
+    fall below the tensor's count (past it, a ValueError says so). ``mode="trilinear"``: interpolate over the 8 voxels around
     each point (``points``, ``voxel_size`` of the stride-1 grid, ``batch``:
     each point's item, needed where the tensor holds any item but 0), with
     weights renormalised over the active voxels; a point with
@@ -501,6 +505,12 @@ def _devoxelize(tensor: SparseTensor, inverse, points, voxel_size, batch, mode: 
                 selection = "" if kept is None else (
                     f" (the tensor holds the {len(tensor)} voxels a VoxelPrune kept of {n}; inverse must map "
                     f"the points into those {n}, as voxelize's inverse does)")
+                fine = tensor.cache.get_coords((1, 1, 1))
+                if kept is None and tensor.stride != (1, 1, 1) and fine is not None:
+                    selection = (f" (the tensor is at stride {tensor.stride}: inverse indexes its {n} voxels at "
+                                 f"that stride, where voxelize's inverse indexes the {len(fine)} stride-1 voxels: "
+                                 "devoxelize a stride-1 tensor with that, after the decoder's transposed convs, or "
+                                 "interpolate at any stride with mode='trilinear')")
                 raise ValueError(f"inverse holds rows outside [0, {n}){selection}")
         inverse = inverse.to(tensor.device)
         if torch.compiler.is_compiling():  # a graph: the rows checked when it runs (no host read)

@@ -1318,3 +1318,27 @@ def test_trilinear_points_on_another_device_than_the_tensor_are_named_once():
         vox._check_batch_on(x, points.to("meta"), None)
     with pytest.raises(ValueError, match=r"^batch is on cpu but points on meta$"):
         vox._check_batch_on(x, points.to("meta"), torch.zeros(10, dtype=torch.int64))
+
+
+def test_nearest_devoxelize_of_a_strided_tensor_names_the_stride_when_inverse_overruns_it():
+    """voxelize's inverse indexes the stride-1 voxels; given with a tensor
+    at stride 2 (after a pooling) it overran the coarse rows with only
+    'inverse holds rows outside [0, N)', naming neither the stride nor the
+    cause. The refusal now says both and what to do; an inverse into the
+    coarse voxels themselves (a user's map of the points into them) still
+    reads them."""
+    from pointsparse import nn as snn
+
+    torch.manual_seed(0)
+    points = torch.rand(3000, 3) * 10
+    x, inverse = ps.voxelize(points, torch.rand(3000, 2), voxel_size=0.5)
+    y = snn.MaxPool3d(2, stride=2)(x)
+    assert y.stride == (2, 2, 2) and int(inverse.max()) >= len(y)
+    with pytest.raises(ValueError, match=rf"outside \[0, {len(y)}\) \(the tensor is at stride \(2, 2, 2\): inverse "
+                                         rf"indexes its {len(y)} voxels at that stride, where voxelize's inverse "
+                                         rf"indexes the {len(x)} stride-1 voxels.*mode='trilinear'"):
+        ps.devoxelize(y, inverse)
+    # the points' own coarse voxels: the rows of floor(coords / 2) * 2 in y
+    coarse = {tuple(r): i for i, r in enumerate(y.coords.tolist())}
+    parent = torch.tensor([coarse[(b, x0 // 2 * 2, x1 // 2 * 2, x2 // 2 * 2)] for b, x0, x1, x2 in x.coords.tolist()])
+    assert torch.equal(ps.devoxelize(y, parent[inverse]), y.feats[parent[inverse]])
