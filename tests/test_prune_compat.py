@@ -551,3 +551,38 @@ def test_a_loss_reading_module_weight_reaches_weight_orig_and_the_module_still_c
     for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module)), torch.load(buffer, weights_only=False)):
         assert type(clone.weight) is torch.Tensor and not clone.weight.requires_grad
         torch.testing.assert_close(output(clone, x), output(module, x), rtol=0, atol=0)
+
+
+def test_copy_model_copies_what_torchs_own_methods_masked():
+    """torch's functions, re-exported as they are, leave a product deepcopy
+    refuses (after pruning, after a forward in grad mode) as torch does;
+    ``prune.copy_model`` copies such a model: the copy computes the same
+    outputs from its own tensors, and a change to the copy's mask leaves
+    the original alone."""
+    import pointsparse as ps
+    from pointsparse import prune as pp
+    from pointsparse.nn import Conv3d
+    from reference import random_coords
+
+    torch.manual_seed(0)
+    conv, head = Conv3d(4, 8, 3), nn.Linear(8, 3)
+    pp.l1_unstructured(conv, "weight", 0.5)
+    pp.ln_structured(head, "weight", 0.5, 2, dim=0)
+    coords = random_coords(200, 6)
+    x = ps.SparseTensor(torch.randn(len(coords), 4), coords)
+
+    def run(c, h):
+        return h(c(x).feats)
+
+    want = run(conv, head)
+    model = nn.ModuleDict({"conv": conv, "head": head})
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)  # (torch's behaviour, kept: these are torch's objects)
+    copied = pp.copy_model(model)
+    assert torch.equal(run(copied["conv"], copied["head"]), want)
+    assert copied["conv"].weight_orig.data_ptr() != conv.weight_orig.data_ptr()
+    with torch.no_grad():
+        copied["conv"].weight_mask.zero_()
+    assert torch.equal(run(conv, head), want) and not run(copied["conv"], copied["head"]).equal(want)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got dict"):
+        pp.copy_model({"conv": conv})

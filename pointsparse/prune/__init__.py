@@ -10,7 +10,16 @@ by either library is understood by both. On top of it:
   Filter-Skeleton stripes (:mod:`.stripe`);
 * criteria producing ``importance_scores`` (:mod:`.criteria`);
 * sparsity regularizers (:mod:`.regularizers`);
-* a sparsity and FLOPs report (:mod:`.report`).
+* a sparsity and FLOPs report (:mod:`.report`);
+* :func:`copy_model`: ``copy.deepcopy`` of a model that torch's own
+  methods (re-exported here) masked, which deepcopy refuses after a forward
+  in grad mode, as torch's does; this package's own methods' need none.
+
+On a ``pointsparse.nn.Conv3d`` the weight is ``(K, C_in, C_out)``: the
+``dim`` of ``ln_structured`` / ``random_structured`` counts in it, so
+``dim=0`` (a torch conv's output filters) prunes kernel offsets here; output
+channels are ``dim=2`` (or :func:`channel_structured`), input channels
+``dim=1``.
 
 Every method works on ``torch.nn`` Linear/ConvNd and on the sparse
 ``pointsparse.nn.Conv3d`` (weight ``(K, C_in, C_out)``): what the toolkit
@@ -38,6 +47,7 @@ from torch.nn.utils.prune import (
 )
 
 from . import criteria, regularizers, report
+from ._copyable import copy_model
 from .adapters import WeightLayout, current_weight, is_sparse_conv, layout_of, weight_now
 from .nm import NMStructured, is_nm_sparse, nm_structured
 from .pattern import PatternStructured, as_patterns, learn_patterns, pattern_structured
@@ -81,4 +91,6 @@ __all__ = [
     # layouts, criteria, regularizers, report
     "WeightLayout", "layout_of", "current_weight", "weight_now", "is_sparse_conv",
     "criteria", "regularizers", "report", "sparsity_report", "format_report", "print_report",
+    # a deepcopy that takes torch's own masked modules too
+    "copy_model",
 ]

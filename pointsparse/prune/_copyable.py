@@ -56,8 +56,14 @@ def _detach_masked(module: nn.Module, inputs=None, output=None) -> None:
 
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)`` that also copies modules pruned by torch's own
-    methods: a computed (non-leaf) tensor, as a masked ``weight``, is copied
-    detached (the copy's forward pre-hook recomputes it from ``weight_orig``)."""
+    methods (``l1_unstructured``, ``ln_structured``, ``custom_from_mask``,
+    ``global_unstructured``, ...: torch's objects, whose product deepcopy
+    refuses after pruning or a forward in grad mode): a computed (non-leaf)
+    tensor, as a masked ``weight``, is copied detached (the copy's forward
+    pre-hook recomputes it from ``weight_orig``). A TypeError names anything
+    but a module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     memo = {}
     for module in model.modules():
         for value in vars(module).values():
