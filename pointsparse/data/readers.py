@@ -5,8 +5,9 @@ brightest returns up to 1.5) and colour (0..1), and int64 training labels:
 raw class ids pass through a :class:`LabelMap`, and ids the map does not
 name become ``ignore_index``. Positions stored wider than float32 holds
 (float64 or 32/64-bit integer arrays, text, ASCII or double PLY/PCD) come
-with x and y relative to their minimum, subtracted in float64 before the
-float32 cast (UTM coordinates keep their millimetres), z as stored; LAS
+as stored where float32 holds their x and y within 0.1 mm, else with x and
+y relative to their minimum, subtracted in float64 before the float32 cast
+(UTM coordinates keep their millimetres), z as stored; LAS
 tiles relative to their minimum on every axis (z an elevation); float32
 ones come as stored.
 
@@ -624,7 +625,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     ``labels=False``.
 
     Positions stored wider than float32 holds (float64, 32- or 64-bit
-    integers) come with x and y relative to their minimum, subtracted in
+    integers) come as stored where float32 holds their x and y within
+    0.1 mm, else with x and y relative to their minimum, subtracted in
     float64 (UTM coordinates keep their millimetres), z as stored; float32
     ones (or narrower) come as stored."""
     path = Path(path)
@@ -687,18 +689,27 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                   name=str(path))
 
 
+#: Metres the float32 cast of stored positions may move a point before the
+#: readers take x and y relative to the points' minimum (:func:`_positions`).
+SHIFT_TOLERANCE = 1e-4
+
+
 def _positions(xyz: np.ndarray) -> np.ndarray:
     """The first 3 columns of stored positions, for :class:`Sample`'s
     float32: a dtype float32 holds exactly (float32, float16, 8- and 16-bit
-    integers) as stored; a wider one (float64, 32- and 64-bit integers)
-    with x and y relative to the points' minimum, taken in float64 before
-    the float32 cast (UTM positions of 6.8e6 m were cast whole: half a
-    metre apart in float32), and z as stored: the features take z raw (a
-    LiDAR's ground near -1.7 m) and x, y centred, so the same scan stored
-    in float32 or float64 gives the same features; a z of up to 10 km
-    keeps its millimetres in float32. Positions stored as float32 have
-    lost what they lost already; nothing here recovers it. Rows with NaN
-    or inf are left for :class:`Sample` to count and refuse."""
+    integers) as stored; a wider one (float64, 32- and 64-bit integers) as
+    stored too where float32 holds its x and y within
+    :data:`SHIFT_TOLERANCE` (0.1 mm), else with x and y relative to the
+    points' minimum, taken in float64 before the float32 cast (UTM positions
+    of 6.8e6 m were cast whole: half a metre apart in float32), and z as
+    stored: the features take z raw (a LiDAR's ground near -1.7 m) and x, y
+    centred, so the same scan stored in float32 or float64 gives the same
+    features, and a scan float32 holds gives the same voxels too (a shift by
+    the minimum moved every voxel boundary: 0.1-0.2% of a KITTI scan's
+    voxels changed); a z of up to 10 km keeps its millimetres in float32.
+    Positions stored as float32 have lost what they lost already; nothing
+    here recovers it. Rows with NaN or inf are left for :class:`Sample` to
+    count and refuse."""
     xyz = xyz[:, :3]
     if len(xyz) == 0 or np.can_cast(xyz.dtype, np.float32):
         return xyz
@@ -706,6 +717,11 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     finite = np.isfinite(x64).all(1)
     if not finite.any():
         return x64.copy()
+    plane = x64[:, :2] if finite.all() else x64[finite, :2]
+    with np.errstate(over="ignore", invalid="ignore"):  # (past float32's range: inf, moved by more than any bound)
+        moved = np.abs(plane.astype(np.float32).astype(np.float64) - plane).max()
+    if moved <= SHIFT_TOLERANCE:
+        return x64.copy() if x64 is xyz else x64
     shift = (x64 if finite.all() else x64[finite]).min(0)
     shift[2:] = 0.0
     return x64 - shift
@@ -1459,9 +1475,9 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, lab
     ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB).
 
     Positions stored wider than float32 holds (double, 32- or 64-bit
-    integers, and any ASCII body's text, read in float64) come with x and y
-    relative to their minimum, subtracted in float64, z as stored, as
-    :func:`read_numpy` takes them; binary float32 ones come as stored."""
+    integers, and any ASCII body's text, read in float64) come as
+    :func:`read_numpy` takes them (as stored where float32 holds them, else
+    x and y relative to their minimum); binary float32 ones as stored."""
     path = Path(path)
     if path.suffix.lower() not in (".ply", ".pcd"):
         raise ValueError(f"{path}: read_open3d reads .ply or .pcd files (any case); got suffix {path.suffix!r}")
@@ -1498,10 +1514,10 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
     0..255), or a room folder with ``Annotations/<class>_<n>.txt`` files whose
     class comes from the file name through the map's ``names``; with
     ``labels=False`` an unlabelled sample (a label column skipped). The text
-    is read in float64 and the positions come with x and y relative to
-    their minimum (the room's, for a folder), subtracted in float64, z as
-    stored, as :func:`read_numpy` takes them (UTM coordinates keep their
-    millimetres)."""
+    is read in float64 and the positions come as :func:`read_numpy` takes
+    float64 ones: as stored where float32 holds x and y within 0.1 mm, else
+    relative to their minimum (the room's, for a folder), subtracted in
+    float64 (UTM coordinates keep their millimetres), z as stored."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
     if path.is_dir():
@@ -1564,8 +1580,8 @@ def read_semantic3d(path, label_map="semantic3d", ignore_index: int = DEFAULT_IG
     range the other readers give (fixed, as SemanticKITTI's remissions, so
     not scaled by a percentile); an intensity outside -2048..2047 or not a
     whole number, or a colour outside 0..255, is a ValueError naming the
-    file. Positions as :func:`read_text` takes them (float64 text: x and y
-    relative to their minimum, z as stored)."""
+    file. Positions as :func:`read_text` takes them (float64 text: as
+    :func:`read_numpy` takes float64 positions)."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
     rows = _load_rows(path, (7,), "x y z intensity r g b (Semantic3D)")
