@@ -2245,3 +2245,29 @@ def test_count_flags_past_int64_name_the_flag(command, flag, tmp_path):
     args = parser.parse_args([*base, flag, str(10**22)])
     with pytest.raises(ValueError, match=f"{flag} must be in \\[1, 2\\*\\*63\\); got {10**22}"):
         (tr.main if command == "train" else evaluate.main)(args)
+
+
+def test_training_clouds_mostly_ignored_through_the_label_map_are_named(tmp_path, capsys):
+    """SemanticKITTI .bin scans beside Open3D-ML learning-id files: the
+    refusal of their mixed formats suggested one --label-map, and with
+    ``semantic-kitti-learning`` the scans' raw ids trained as learning ids
+    (most ignored, the rest other classes) without a word; only the
+    validation clouds were checked. The refusal now says the files hold
+    labels of different ids, and a run warns, naming the first, where
+    training clouds are mostly ignored through the map; the learning-id
+    file alone trains without it."""
+    seq, learning = scan_and_learning_ids(tmp_path)
+    flags = ["--epochs", "1", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1",
+             "--no-progress", "--val-data", str(learning)]
+    assert cli.main(["train", "--data", str(seq), str(learning), *flags, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "their files hold labels of different ids" in err and "whose raw ids every file's labels are" in err, err
+    assert cli.main(["train", "--data", str(seq), str(learning), *flags, "--label-map", "semantic-kitti-learning",
+                     "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: the training clouds: 1 of 2 labelled clouds have more than 50% of their points ignored, the "
+            f"first {seq / 'velodyne' / '000000.bin'} (") in err, err
+    assert "does not list: is it the map of these files' labels? (--label-map)" in err
+    assert cli.main(["train", "--data", str(learning), *flags, "--label-map", "semantic-kitti-learning",
+                     "--out", str(tmp_path / "c")]) == 0
+    assert "warning: the training clouds" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import DirectoryLock
@@ -274,6 +275,35 @@ def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, wh
            f"({flag})" if label_map is not None else "the files' own labels")
     print(f"warning: {where}: {100 * (points - kept) / points:.1f}% of the points ({points - kept} of {points}) "
           f"carry the ignore index {ignore_index}, {why}; the metrics score the other {kept}", file=sys.stderr)
+
+
+def warn_mostly_ignored_clouds(samples, ignore_index: int, num_classes: int, label_map, where: str,
+                               flag: str = "--label-map") -> None:
+    """:func:`warn_mostly_ignored` cloud by cloud (a run's training clouds,
+    ``where``): a warning on stderr naming how many of ``samples`` have more
+    than :data:`MOSTLY_IGNORED` of their points ignored, and the first, where
+    a ``label_map`` read them (a map of other data makes a file's labels
+    mostly ignored: SemanticKITTI ``.bin`` scans read with
+    ``semantic-kitti-learning`` beside learning-id ``.npy`` files kept 0.5% of
+    the scans' points, and their cars became another class, without a word).
+    Nothing where the ignore index is a class index."""
+    if label_map is None or 0 <= ignore_index < num_classes:
+        return
+    heavy, total = [], 0
+    for sample in samples:
+        labels = sample.labels
+        if labels is None or len(labels) == 0:
+            continue
+        total += 1
+        share = float(np.count_nonzero(np.asarray(labels) == ignore_index)) / len(labels)
+        if share > MOSTLY_IGNORED:
+            heavy.append((sample.name, share))
+    if heavy:
+        name, share = heavy[0]
+        print(f"warning: {where}: {len(heavy)} of {total} labelled clouds have more than "
+              f"{100 * MOSTLY_IGNORED:.0f}% of their points ignored, the first {name} ({100 * share:.1f}%): raw labels "
+              f"the label map {label_map.name!r} does not list: is it the map of these files' labels? ({flag})",
+              file=sys.stderr)
 
 
 def program_and_state(path, args=None):

@@ -1265,6 +1265,11 @@ class TrainingJob:
         t_load = time.perf_counter()
         for _ in () if self.report_only else self.train_src:
             pass
+        if not self.report_only and self.dist.rank == 0:
+            from .evaluate import warn_mostly_ignored_clouds
+
+            warn_mostly_ignored_clouds(self.train_src, self.args.ignore_index, len(self.classes),
+                                       getattr(self.train_src, "label_map", None), "the training clouds")
         for i in self._val_shard():
             self.val_src[i]
         self.log(f"data ready in {time.perf_counter() - t_load:.1f} s")

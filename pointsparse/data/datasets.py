@@ -105,8 +105,10 @@ def _default_map(paths: list[Path]) -> str | None:
     (a, path_a), (b, path_b) = list(first.items())[:2]
     said = {m: f"label map {m!r}" if m else "no label map (raw labels)" for m in (a, b)}
     raise ValueError(f"clouds whose formats read through different label maps: {path_a} takes {said[a]} and "
-                     f"{path_b} takes {said[b]}; give one label_map (--label-map) to read them all through, or the "
-                     "clouds of one data set")
+                     f"{path_b} takes {said[b]}: their files hold labels of different ids (a SemanticKITTI .bin "
+                     "scan's raw ids, an Open3D-ML .npy's learning ids), which one map reads right for one kind "
+                     "alone; give the clouds of one data set, or one label_map (--label-map) whose raw ids every "
+                     "file's labels are")
 
 
 def default_label_map(specs) -> str | None:
