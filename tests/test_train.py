@@ -4,6 +4,7 @@ numbers, learning-rate schedules."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -2271,3 +2272,44 @@ def test_training_clouds_mostly_ignored_through_the_label_map_are_named(tmp_path
     assert cli.main(["train", "--data", str(learning), *flags, "--label-map", "semantic-kitti-learning",
                      "--out", str(tmp_path / "c")]) == 0
     assert "warning: the training clouds" not in capsys.readouterr().err
+
+
+def test_a_runs_label_map_file_gone_or_changed_is_named(tmp_path, capsys):
+    """A run's --label-map file is recorded by its path: moved, eval,
+    predict --format label and --resume failed with load_label_map's "is
+    neither a JSON file nor one of [...]", naming neither the checkpoint nor
+    the fix; edited (other raw ids), eval scored through the new file
+    without a word. The run now records the file's bytes (sha256): a file
+    gone is refused naming it and --label-map, a changed one warned of."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        np.savez(data / f"c{i}.npz", xyz=rng.uniform(0, 8, (400, 3)).astype(np.float32),
+                 labels=rng.choice([3, 7], 400))
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"classes": ["low", "high"], "map": {"3": 0, "7": 1}}))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--label-map", str(mapping), "--epochs", "1", "--cr", "0.125",
+                     "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1", "--no-progress",
+                     "--out", str(run)]) == 0, capsys.readouterr().err
+    ckpt = run / tr.CHECKPOINT
+    assert tr.load_checkpoint(ckpt)["config"]["label_map_files"] == {
+        str(mapping): hashlib.sha256(mapping.read_bytes()).hexdigest()}
+    evaluate = ["eval", "--checkpoint", str(ckpt), "--no-progress", "--out", str(tmp_path / "ev")]
+    assert cli.main(evaluate) == 0
+    assert "has changed since the run" not in capsys.readouterr().err
+    mapping.rename(tmp_path / "moved.json")
+    for command in (evaluate, ["predict", "--checkpoint", str(ckpt), "--data", str(data), "--format", "labels",
+                               "--out", str(tmp_path / "pred")],
+                    ["train", "--resume", str(ckpt), "--epochs", "2", "--no-progress", "--out", str(tmp_path / "r")]):
+        assert cli.main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"the run read its clouds through the label map file {mapping}, which is gone: give --label-map" \
+            in err, err
+    (tmp_path / "moved.json").rename(mapping)
+    mapping.write_text(json.dumps({"classes": ["low", "high"], "map": {"7": 0, "3": 1}}))
+    assert cli.main(evaluate) == 0
+    assert f"the label map file {mapping} has changed since the run" in capsys.readouterr().err
+    assert cli.main([*evaluate, "--label-map", str(mapping)]) == 0
+    assert "has changed since the run" not in capsys.readouterr().err

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -67,6 +69,34 @@ def nonfinite_hold(skip: bool, to: str):
         raise ValueError(f"{error}; give --skip-nonfinite to {to}") from error
 
 
+def map_file_digest(path) -> str:
+    """The sha256 of a label map file's bytes, as a run records it
+    (``config["label_map_files"]``)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_run_map_file(state: dict, name, where: str) -> None:
+    """Where ``name`` is a label map file a run recorded (its config's
+    ``label_map_files``: path -> sha256, written by ``train``): a ValueError
+    naming it and the fix where the file is gone (load_label_map's "is
+    neither a JSON file nor one of [...]" named neither the checkpoint nor
+    --label-map), a warning on stderr where its bytes changed since the run
+    (the clouds are read through the file as it is now: an edited map's
+    raw ids were scored through without a word)."""
+    files = (state.get("config") or {}).get("label_map_files")
+    if not isinstance(files, dict) or not isinstance(name, str) or name not in files:
+        return
+    if not Path(name).is_file():
+        raise ValueError(f"{where}: the run read its clouds through the label map file {name}, which is gone: give "
+                         "--label-map (that file where it is now, or a copy of it)")
+    if map_file_digest(name) != files[name]:
+        print(f"warning: {where}: the label map file {name} has changed since the run (its checkpoint records "
+              "other bytes): the clouds are read through the file as it is now (--label-map says which map to "
+              "read them through)", file=sys.stderr)
+
+
 def files_source(state: dict, spec, label_map, where: str, validation: bool, ignore_index: int, taken=None,
                  format_maps: bool = False):
     """The clouds of the data ``spec`` (files) as a checkpoint's model reads
@@ -89,10 +119,13 @@ def files_source(state: dict, spec, label_map, where: str, validation: bool, ign
     except ValueError:
         if "label_map" not in state["config"]:
             raise
+        check_run_map_file(state, state["config"]["label_map"], where)
         source = CloudFiles(paths, state["config"]["label_map"], ignore_index)
         if _labelled(source, taken):
             raise
         return source
+    if label_map is None:
+        check_run_map_file(state, name, where)
     source = CloudFiles(paths, name, ignore_index)
     if format_maps and label_map is None and name is not None and _labelled(source, taken):
         check_format_maps(paths, state["config"]["classes"], source.label_map, f"the run's label map, {name!r},", where,

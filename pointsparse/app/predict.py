@@ -191,6 +191,10 @@ def main(args) -> int:
             name = "semantic3d"
         if name is None:
             raise ValueError(f"--format {args.format} needs the label map whose raw ids to write: give --label-map")
+        if not args.label_map:
+            from .clouds import check_run_map_file
+
+            check_run_map_file(state, name, f"--format {args.format}")
         label_map = load_label_map(name)
         try:
             ids = raw_ids(label_map, classes)

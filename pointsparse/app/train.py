@@ -283,9 +283,13 @@ def take_run_flags(args) -> None:
     args._resumed = (path, state)  # (the job restores this one: read once; --nproc workers, given no _ names, read it)
     saved = state.get("args")
     if isinstance(saved, dict):  # (a checkpoint written before it kept them: the values given, as before)
+        from .clouds import check_run_map_file
+
         for name in RUN_DATA_FLAGS:
             if name in saved and not _given(args, name):
                 setattr(args, name, saved[name])
+                if name in ("label_map", "val_label_map"):
+                    check_run_map_file(state, saved[name], f"--resume {path}")
     for name, value in recorded_training(state["config"], path, saved).items():
         if not _given(args, name):
             setattr(args, name, value)
@@ -1119,6 +1123,14 @@ class TrainingJob:
             if "label_map" not in self.config:
                 self.config["label_map"] = (saved_args(args)["label_map"] if args.label_map is not None
                                             else self.train_src.default_map)
+            # The bytes of each map file the run read (path -> sha256): eval, predict, prune and --resume name
+            # a file gone or changed since (clouds.check_run_map_file). A resumed run keeps what it recorded.
+            from .clouds import map_file_digest
+
+            files = self.config.setdefault("label_map_files", {})
+            for word in {saved_args(args).get(key) for key in ("label_map", "val_label_map")}:
+                if isinstance(word, str) and word not in files and Path(word).is_file():
+                    files[word] = map_file_digest(word)
         if state is not None:
             from .evaluate import check_data_classes
 
