@@ -358,16 +358,39 @@ def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
     return out, arg
 
 
+def _from_numpy(value, name: str):
+    """A numpy array as a tensor of its values (``torch.from_numpy``: shared
+    where it can be; a copy where the array is read-only or of the other byte
+    order, which torch does not take); anything else as given. A TypeError
+    names ``name`` where torch has no dtype for the array's (objects,
+    strings)."""
+    if not isinstance(value, np.ndarray):
+        return value
+    if value.dtype.byteorder not in "=|":
+        value = value.astype(value.dtype.newbyteorder("="))
+    if not value.flags.writeable:
+        value = value.copy()
+    try:
+        return torch.from_numpy(value)
+    except TypeError:
+        raise TypeError(f"{name}: a numpy array of dtype {value.dtype}, which torch holds no tensor of; give "
+                        "numbers") from None
+
+
 def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size=1.0, batch=None,
              reduce: str = "mean"):
     """Quantise points to voxels of ``voxel_size`` and merge the points that
     share a voxel.
 
     Args:
-        points: float ``(N, 3)`` positions.
-        feats: float ``(N, C)`` per-point features; default: the positions.
+        points: float ``(N, 3)`` positions (a tensor, or a numpy array as
+            TorchSparse's and MinkowskiEngine's quantisers take: its values
+            as ``torch.from_numpy`` gives them, copied only where the array
+            is read-only or not in this machine's byte order).
+        feats: float ``(N, C)`` per-point features (likewise); default: the
+            positions.
         voxel_size: a positive number or 3 numbers.
-        batch: optional ``(N,)`` integer batch index of each point.
+        batch: optional ``(N,)`` integer batch index of each point (likewise).
         reduce: how features of one voxel merge: ``"mean"``, ``"max"``, ``"sum"``
             or ``"first"`` (the lowest point index). Non-finite features
             propagate the same way on every path: NaN or inf in a voxel's
@@ -385,6 +408,8 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
     and the voxels' span, from the points' bounds before anything is
     quantised.
     """
+    points, feats, batch = (_from_numpy(v, name) for v, name in ((points, "points"), (feats, "feats"),
+                                                                  (batch, "batch")))
     _check_points(points, values=False)  # the core's pass rejects a non-finite row itself (naming it)
     vs = _voxel_size(voxel_size)
     if not isinstance(reduce, str) or reduce not in REDUCE_MODES:

@@ -591,7 +591,8 @@ BAD = {
     "points_int": ("ps.voxelize(torch.zeros(3, 3, dtype=torch.int32), voxel_size=1)", "TypeError", "points"),
     "points_shape": ("ps.voxelize(torch.zeros(3, 2), voxel_size=1)", "ValueError", "points"),
     "points_1d": ("ps.voxelize(torch.zeros(3), voxel_size=1)", "ValueError", "points"),
-    "points_numpy": ("ps.voxelize(np.zeros((3, 3)), voxel_size=1)", "TypeError", "points"),
+    "points_numpy_objects": ("ps.voxelize(np.zeros((3, 3)).astype(object), voxel_size=1)", "TypeError", "points"),
+    "points_numpy_ints": ("ps.voxelize(np.zeros((3, 3), np.int64), voxel_size=1)", "TypeError", "points"),
     "points_out_of_range": ("ps.voxelize(p * 1e10, voxel_size=1)", "ValueError", "voxel_size"),
     "points_span_too_wide": ("ps.voxelize(torch.tensor([[-2e9, -2e9, -2e9], [2e9, 2e9, 2e9]]), voxel_size=1)",
                              "ValueError", "span"),
@@ -1342,3 +1343,27 @@ def test_nearest_devoxelize_of_a_strided_tensor_names_the_stride_when_inverse_ov
     coarse = {tuple(r): i for i, r in enumerate(y.coords.tolist())}
     parent = torch.tensor([coarse[(b, x0 // 2 * 2, x1 // 2 * 2, x2 // 2 * 2)] for b, x0, x1, x2 in x.coords.tolist()])
     assert torch.equal(ps.devoxelize(y, parent[inverse]), y.feats[parent[inverse]])
+
+
+def test_voxelize_takes_numpy_arrays_as_torchsparse_and_minkowski_quantisers_do():
+    """``ps.voxelize(np_array, ...)`` was a TypeError ('points must be a
+    torch.Tensor; got ndarray'), the first call a TorchSparse or
+    MinkowskiEngine user makes (their sparse_quantize takes numpy). Points,
+    feats and batch may be numpy arrays now: the same voxels as their
+    tensors give, the values shared (copied where read-only or big-endian);
+    an array torch holds no dtype of is a TypeError naming it."""
+    rng = np.random.default_rng(0)
+    points, feats, batch = rng.uniform(0, 10, (2000, 3)), rng.standard_normal((2000, 4)).astype(np.float32), \
+        rng.integers(0, 3, 2000)
+    want = ps.voxelize(torch.from_numpy(points), torch.from_numpy(feats), voxel_size=0.5,
+                       batch=torch.from_numpy(batch))
+    frozen = points.copy()
+    frozen.flags.writeable = False
+    for p, f, b in ((points, feats, batch), (frozen, feats.astype(">f4"), batch.astype(">i8"))):
+        x, inverse = ps.voxelize(p, f, voxel_size=0.5, batch=b)
+        assert torch.equal(x.coords, want[0].coords) and torch.equal(x.feats, want[0].feats)
+        assert torch.equal(inverse, want[1])
+    with pytest.raises(TypeError, match="points: a numpy array of dtype object"):
+        ps.voxelize(points.astype(object), voxel_size=0.5)
+    with pytest.raises(TypeError, match="points must be a float tensor"):
+        ps.voxelize(points.astype(np.int64), voxel_size=0.5)
