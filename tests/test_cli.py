@@ -804,3 +804,30 @@ def test_a_command_imports_only_its_own_module():
     for name, _, _ in cli.COMMANDS:
         alone = next(a for a in cli.build_parser([name])._actions if isinstance(a, argparse._SubParsersAction))
         assert alone.choices[name].format_help() == sub.choices[name].format_help(), name
+
+
+def test_ctrl_c_is_a_line_not_a_traceback(tmp_path):
+    """Ctrl-C during ``pointsparse train`` printed a KeyboardInterrupt's full
+    traceback. It prints one line now, saying --resume continues the run,
+    and exits 130 (a shell's code for a process SIGINT stopped); the run
+    resumes from its last checkpoint."""
+    import signal
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pointsparse", "train", "--data", "generated", "--scenes", "2", "--val-scenes", "1",
+           "--beams", "16", "--azimuth-steps", "192", "--max-range", "16", "--cr", "0.125", "--blocks", "1",
+           "--voxel-size", "0.5", "--epochs", "10000", "--no-progress", "--out", str(out)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", POINTSPARSE_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:  # (the first epoch done: its checkpoint written)
+            if line.startswith("epoch 2/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().endswith(
+        "pointsparse train: interrupted (train --resume continues from its last checkpoint)"), err
+    assert (out / "checkpoint.pt").is_file()

@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     refuses: an OSError naming the path, or an optional package the input
     needs that is not installed: ``_ext.MissingExtra``) prints ``pointsparse <command>: error:
     <message>`` on stderr and returns 2, as argparse does for a bad flag,
-    unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
+    unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback; Ctrl-C
+    (KeyboardInterrupt) prints ``pointsparse <command>: interrupted`` and
+    returns 130."""
     words = sys.argv[1:] if argv is None else list(argv)
     # (the command: the first word not an option; the tool's own options, -h alone, take no value)
     typed = next((w for w in words if not w.startswith("-")), None)
@@ -191,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.main(args) or 0)
+    except KeyboardInterrupt:  # (Ctrl-C: a line, not a traceback; 130 as a shell gives a process SIGINT stopped)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        again = " (train --resume continues from its last checkpoint)" if args.command == "train" else ""
+        print(f"pointsparse {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, MissingExtra) as error:
         # (an OSError naming no path, a full disk on write or a broken pipe, is the system's failure: raised)
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or (
