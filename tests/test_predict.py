@@ -1049,3 +1049,21 @@ def test_predict_label_format_refuses_a_runs_learning_ids_for_bin_scans(tmp_path
     written = np.fromfile(tmp_path / "out" / "predictions" / "000000.label", np.uint32)
     assert len(written) == len(scene.xyz) and set(np.unique(written).tolist()) <= set(load_label_map(
         "semantic-kitti").inverse.values())
+
+
+def test_predict_of_generated_scenes_says_it_reads_files(tmp_path, capsys):
+    """``predict --data generated`` said 'generated: no such file or folder';
+    it names what predict reads now, and where generated scenes are scored.
+    A folder named so is read as files still (is_generated's rule)."""
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "none.pt"), "--data", "generated",
+                     "--out", str(tmp_path / "p")]) == 2
+    assert ("--data generated: predict writes the classes of point cloud files, and generated scenes are none "
+            "(eval --val-scenes N scores generated ones)") in capsys.readouterr().err
+
+
+def test_a_label_map_that_sends_a_raw_id_past_its_classes_says_how_to_ignore_it():
+    """Mapping a raw id to 255 (a common way to ignore it) was refused as
+    'outside the 2 classes' alone; the message now says to leave it out."""
+    with pytest.raises(ValueError, match=r"raw id 0 maps to 255, outside the 2 classes \(to ignore it, leave it out "
+                                         r"of the map: what the map does not list is ignored\)"):
+        LabelMap(["a", "b"], {0: 255, 1: 0, 2: 1})

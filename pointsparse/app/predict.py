@@ -166,6 +166,11 @@ def main(args) -> int:
     from .train import check_threads, load_checkpoint
 
     check_threads(args.threads)
+    from ..data.datasets import is_generated
+
+    if is_generated(args.data) and not Path(args.data[0]).exists():
+        raise ValueError(f"--data {args.data[0]}: predict writes the classes of point cloud files, and generated "
+                         "scenes are none (eval --val-scenes N scores generated ones)")
     if args.program is not None:
         model, state = program_and_state(args.program, args)
     else:

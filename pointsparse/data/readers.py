@@ -109,7 +109,8 @@ class LabelMap:
                     raise ValueError(f"{where}: raw id {key} does not fit int64")
                 if not 0 <= tid < len(self.classes):
                     raise ValueError(f"{where}: {'raw id' if field_name == 'mapping' else 'class name'} {key!r} "
-                                     f"maps to {tid}, outside the {len(self.classes)} classes")
+                                     f"maps to {tid}, outside the {len(self.classes)} classes (to ignore it, leave "
+                                     "it out of the map: what the map does not list is ignored)")
             setattr(self, field_name, {(int(k) if field_name == "mapping" else k): int(v) for k, v in table.items()})
         if not isinstance(self.inverse, dict):
             raise TypeError(f"{where}: inverse must be a dict; got {type(self.inverse).__name__}")
