@@ -360,15 +360,19 @@ def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
 
 def _from_numpy(value, name: str):
     """A numpy array as a tensor of its values (``torch.from_numpy``: shared
-    where it can be; a copy where the array is read-only or of the other byte
-    order, which torch does not take); anything else as given. A TypeError
-    names ``name`` where torch has no dtype for the array's (objects,
-    strings)."""
+    where it can be; a copy where the array is read-only, of the other byte
+    order or of negative strides, which torch does not take); anything else
+    as given. A TypeError names ``name`` where torch has no dtype for the
+    array's (objects, strings), and for a masked array (its mask would be
+    dropped)."""
     if not isinstance(value, np.ndarray):
         return value
+    if isinstance(value, np.ma.MaskedArray):  # (from_numpy took its data and dropped its mask)
+        raise TypeError(f"{name}: a numpy masked array; give the points to keep (array[~array.mask.any(1)], or "
+                        ".filled())")
     if value.dtype.byteorder not in "=|":
         value = value.astype(value.dtype.newbyteorder("="))
-    if not value.flags.writeable:
+    if not value.flags.writeable or any(step < 0 for step in value.strides):  # (from_numpy takes neither)
         value = value.copy()
     try:
         return torch.from_numpy(value)

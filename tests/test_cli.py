@@ -808,26 +808,32 @@ def test_a_command_imports_only_its_own_module():
 
 def test_ctrl_c_is_a_line_not_a_traceback(tmp_path):
     """Ctrl-C during ``pointsparse train`` printed a KeyboardInterrupt's full
-    traceback. It prints one line now, saying --resume continues the run,
-    and exits 130 (a shell's code for a process SIGINT stopped); the run
-    resumes from its last checkpoint."""
+    traceback. It prints one line now, saying --resume continues the run
+    where it has a checkpoint, and the process still ends by SIGINT, as
+    Python's does (a shell's loop of commands stops); called in-process,
+    main returns 130 (a shell's code for a process SIGINT stopped)."""
     import signal
+    from unittest import mock
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pointsparse", "train", "--data", "generated", "--scenes", "2", "--val-scenes", "1",
            "--beams", "16", "--azimuth-steps", "192", "--max-range", "16", "--cr", "0.125", "--blocks", "1",
            "--voxel-size", "0.5", "--epochs", "10000", "--no-progress", "--out", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", POINTSPARSE_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        for line in proc.stdout:  # (the first epoch done: its checkpoint written)
-            if line.startswith("epoch 2/"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    with open(tmp_path / "err.txt", "w") as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+        try:
+            for line in proc.stdout:  # (the first epoch done: its checkpoint written)
+                if line.startswith("epoch 2/"):
+                    break
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, err)
     assert "Traceback" not in err and err.strip().endswith(
         "pointsparse train: interrupted (train --resume continues from its last checkpoint)"), err
     assert (out / "checkpoint.pt").is_file()
+    with mock.patch("pointsparse.app.demo.main", side_effect=KeyboardInterrupt):
+        assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 130

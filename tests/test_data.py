@@ -3274,6 +3274,12 @@ def test_a_scan_stored_in_float32_or_float64_gives_the_same_voxels(tmp_path):
     samples = {name: read_cloud(tmp_path / name, labels=False) for name in names}
     for name, s in samples.items():
         assert np.array_equal(s.xyz, xyz), name
+    # UTM positions on a whole-metre grid: exact in float32, but float32's step there is 0.5 m: still shifted
+    grid = np.stack(np.meshgrid(np.arange(30.0), np.arange(30.0), [104.0]), -1).reshape(-1, 3)
+    np.save(tmp_path / "utm_grid.npy", grid + [651_234.0, 6_812_345.0, 0.0])
+    np.save(tmp_path / "utm_grid_int.npy", (grid + [651_234.0, 6_812_345.0, 0.0]).astype(np.int64))
+    for name in ("utm_grid.npy", "utm_grid_int.npy"):
+        assert np.array_equal(read_numpy(tmp_path / name).xyz, grid.astype(np.float32)), name
     for size in (0.05, 0.4):
         ref = voxelize_sample(samples["f32_points.npy"], size, 255)
         for name, s in samples.items():

@@ -1461,7 +1461,7 @@ def test_prune_channels_names_data_of_other_channels_than_the_checkpoints_model(
     (7 feature channels) for channels' example input; a model of 4 input
     channels then failed with its own 'MinkUNet was built for 4 input
     channels; got 7', naming neither the data nor why it was read. The
-    refusal now names the data taken and what to pass."""
+    refusal now names the data taken and why no clouds serve."""
     from pointsparse.models import MinkUNet
 
     torch.manual_seed(0)
@@ -1473,6 +1473,7 @@ def test_prune_channels_names_data_of_other_channels_than_the_checkpoints_model(
     assert cli.main(["prune", "channels", "--checkpoint", str(path), "--ratio", "0.5",
                      "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert ("generated scenes (the checkpoint records no data of its run): 7 feature channels a voxel, but the "
-            "checkpoint's minkunet model takes 4: pass --data") in err, err
+    assert ("generated scenes (the checkpoint records no data of its run): 7 feature channels a voxel (the clouds' "
+            "readers give x, y, z, intensity and rgb), but the checkpoint's minkunet model takes 4: a model of other "
+            "inputs runs on tensors you make") in err, err
     assert not (tmp_path / "out").exists()

@@ -2313,3 +2313,8 @@ def test_a_runs_label_map_file_gone_or_changed_is_named(tmp_path, capsys):
     assert f"the label map file {mapping} has changed since the run" in capsys.readouterr().err
     assert cli.main([*evaluate, "--label-map", str(mapping)]) == 0
     assert "has changed since the run" not in capsys.readouterr().err
+    # resumed on the changed file: warned of, and the checkpoint records the bytes its later epochs read
+    assert cli.main(["train", "--resume", str(ckpt), "--epochs", "2", "--no-progress", "--out", str(run)]) == 0
+    assert f"--resume {ckpt}: the label map file {mapping} has changed since the run" in capsys.readouterr().err
+    assert cli.main(evaluate) == 0
+    assert "has changed since the run" not in capsys.readouterr().err

@@ -1363,6 +1363,10 @@ def test_voxelize_takes_numpy_arrays_as_torchsparse_and_minkowski_quantisers_do(
         x, inverse = ps.voxelize(p, f, voxel_size=0.5, batch=b)
         assert torch.equal(x.coords, want[0].coords) and torch.equal(x.feats, want[0].feats)
         assert torch.equal(inverse, want[1])
+    flipped = ps.voxelize(points[::-1], voxel_size=0.5)[0]  # (negative strides: copied)
+    assert torch.equal(flipped.coords, ps.voxelize(torch.from_numpy(points[::-1].copy()), voxel_size=0.5)[0].coords)
+    with pytest.raises(TypeError, match="points: a numpy masked array"):
+        ps.voxelize(np.ma.masked_invalid(points), voxel_size=0.5)
     with pytest.raises(TypeError, match="points: a numpy array of dtype object"):
         ps.voxelize(points.astype(object), voxel_size=0.5)
     with pytest.raises(TypeError, match="points must be a float tensor"):

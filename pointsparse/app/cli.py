@@ -12,6 +12,7 @@ import functools
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from .._ext import MissingExtra
 
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     <message>`` on stderr and returns 2, as argparse does for a bad flag,
     unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback; Ctrl-C
     (KeyboardInterrupt) prints ``pointsparse <command>: interrupted`` and
-    returns 130."""
+    returns 130, or, run as the program (``argv`` None), ends the process
+    by SIGINT as Python does (a shell's loop of commands then stops too)."""
     words = sys.argv[1:] if argv is None else list(argv)
     # (the command: the first word not an option; the tool's own options, -h alone, take no value)
     typed = next((w for w in words if not w.startswith("-")), None)
@@ -193,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.main(args) or 0)
-    except KeyboardInterrupt:  # (Ctrl-C: a line, not a traceback; 130 as a shell gives a process SIGINT stopped)
+    except KeyboardInterrupt:  # (Ctrl-C: a line, not a traceback)
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        again = " (train --resume continues from its last checkpoint)" if args.command == "train" else ""
+        again = ""
+        if args.command == "train" and (Path(getattr(args, "out", None) or ".") / "checkpoint.pt").is_file():
+            again = " (train --resume continues from its last checkpoint)"
         print(f"pointsparse {args.command}: interrupted{again}", file=sys.stderr)
+        if argv is None:  # (the program itself: it ends by SIGINT, as Python does, so a shell's loop stops too)
+            _end_by_sigint()
         return 130
     except (ValueError, OSError, MissingExtra) as error:
         # (an OSError naming no path, a full disk on write or a broken pipe, is the system's failure: raised)
@@ -207,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pointsparse {args.command}: error: {_message(error)}\n(set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2
+
+
+def _end_by_sigint() -> None:
+    """This process ended by SIGINT, its default action restored (where the
+    platform has it; else the caller returns 130)."""
+    import signal
+
+    if hasattr(signal, "SIGINT") and hasattr(os, "kill"):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _message(error: Exception) -> str:

@@ -77,12 +77,12 @@ def map_file_digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def check_run_map_file(state: dict, name, where: str) -> None:
+def check_run_map_file(state: dict, name, where: str, flag: str = "--label-map") -> None:
     """Where ``name`` is a label map file a run recorded (its config's
     ``label_map_files``: path -> sha256, written by ``train``): a ValueError
-    naming it and the fix where the file is gone (load_label_map's "is
-    neither a JSON file nor one of [...]" named neither the checkpoint nor
-    --label-map), a warning on stderr where its bytes changed since the run
+    naming it and the fix (``flag``) where the file is gone (load_label_map's
+    "is neither a JSON file nor one of [...]" named neither the checkpoint
+    nor --label-map), a warning on stderr where its bytes changed since the run
     (the clouds are read through the file as it is now: an edited map's
     raw ids were scored through without a word)."""
     files = (state.get("config") or {}).get("label_map_files")
@@ -90,11 +90,11 @@ def check_run_map_file(state: dict, name, where: str) -> None:
         return
     if not Path(name).is_file():
         raise ValueError(f"{where}: the run read its clouds through the label map file {name}, which is gone: give "
-                         "--label-map (that file where it is now, or a copy of it)")
+                         f"{flag} (that file where it is now, or a copy of it)")
     if map_file_digest(name) != files[name]:
         print(f"warning: {where}: the label map file {name} has changed since the run (its checkpoint records "
-              "other bytes): the clouds are read through the file as it is now (--label-map says which map to "
-              "read them through)", file=sys.stderr)
+              f"other bytes): the clouds are read through the file as it is now ({flag} says which map to read "
+              "them through)", file=sys.stderr)
 
 
 def files_source(state: dict, spec, label_map, where: str, validation: bool, ignore_index: int, taken=None,

@@ -250,8 +250,9 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
     if isinstance(want, int) and got != want:  # (the model's own check named neither the data nor why it was read)
         where = (f"--data {' '.join(map(str, data))}" if data else "the run's data" if saved.get("data")
                  else "generated scenes (the checkpoint records no data of its run)")
-        raise ValueError(f"{where}: {got} feature channels a voxel, but the checkpoint's {config.get('model', 'model')} model "
-                         f"takes {want}: pass --data with clouds of the features it was trained on")
+        raise ValueError(f"{where}: {got} feature channels a voxel (the clouds' readers give x, y, z, intensity "
+                         f"and rgb), but the checkpoint's {config.get('model', 'model')} model takes {want}: a model "
+                         "of other inputs runs on tensors you make (the library), not on the commands' clouds")
     return batches
 
 

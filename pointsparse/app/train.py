@@ -289,7 +289,7 @@ def take_run_flags(args) -> None:
             if name in saved and not _given(args, name):
                 setattr(args, name, saved[name])
                 if name in ("label_map", "val_label_map"):
-                    check_run_map_file(state, saved[name], f"--resume {path}")
+                    check_run_map_file(state, saved[name], f"--resume {path}", "--" + name.replace("_", "-"))
     for name, value in recorded_training(state["config"], path, saved).items():
         if not _given(args, name):
             setattr(args, name, value)
@@ -1124,12 +1124,13 @@ class TrainingJob:
                 self.config["label_map"] = (saved_args(args)["label_map"] if args.label_map is not None
                                             else self.train_src.default_map)
             # The bytes of each map file the run read (path -> sha256): eval, predict, prune and --resume name
-            # a file gone or changed since (clouds.check_run_map_file). A resumed run keeps what it recorded.
+            # a file gone or changed since (clouds.check_run_map_file). A resumed run records the bytes its
+            # epochs read now (warned of where they changed).
             from .clouds import map_file_digest
 
             files = self.config.setdefault("label_map_files", {})
             for word in {saved_args(args).get(key) for key in ("label_map", "val_label_map")}:
-                if isinstance(word, str) and word not in files and Path(word).is_file():
+                if isinstance(word, str) and Path(word).is_file():
                     files[word] = map_file_digest(word)
         if state is not None:
             from .evaluate import check_data_classes

@@ -5,9 +5,10 @@ brightest returns up to 1.5) and colour (0..1), and int64 training labels:
 raw class ids pass through a :class:`LabelMap`, and ids the map does not
 name become ``ignore_index``. Positions stored wider than float32 holds
 (float64 or 32/64-bit integer arrays, text, ASCII or double PLY/PCD) come
-as stored where float32 holds their x and y within 0.1 mm, else with x and
-y relative to their minimum, subtracted in float64 before the float32 cast
-(UTM coordinates keep their millimetres), z as stored; LAS
+as stored where float32 holds their x and y within 0.1 mm (up to about
+1 km), else with x and y relative to their minimum, subtracted in float64
+before the float32 cast (UTM coordinates keep their millimetres), z as
+stored; LAS
 tiles relative to their minimum on every axis (z an elevation); float32
 ones come as stored.
 
@@ -627,8 +628,9 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
 
     Positions stored wider than float32 holds (float64, 32- or 64-bit
     integers) come as stored where float32 holds their x and y within
-    0.1 mm, else with x and y relative to their minimum, subtracted in
-    float64 (UTM coordinates keep their millimetres), z as stored; float32
+    0.1 mm (up to about 1 km), else with x and y relative to their
+    minimum, subtracted in float64 (UTM coordinates keep their
+    millimetres), z as stored; float32
     ones (or narrower) come as stored."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
@@ -700,7 +702,8 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     float32: a dtype float32 holds exactly (float32, float16, 8- and 16-bit
     integers) as stored; a wider one (float64, 32- and 64-bit integers) as
     stored too where float32 holds its x and y within
-    :data:`SHIFT_TOLERANCE` (0.1 mm), else with x and y relative to the
+    :data:`SHIFT_TOLERANCE` (0.1 mm) and its step there is within it too
+    (|x|, |y| up to about 1 km), else with x and y relative to the
     points' minimum, taken in float64 before the float32 cast (UTM positions
     of 6.8e6 m were cast whole: half a metre apart in float32), and z as
     stored: the features take z raw (a LiDAR's ground near -1.7 m) and x, y
@@ -721,7 +724,10 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     plane = x64[:, :2] if finite.all() else x64[finite, :2]
     with np.errstate(over="ignore", invalid="ignore"):  # (past float32's range: inf, moved by more than any bound)
         moved = np.abs(plane.astype(np.float32).astype(np.float64) - plane).max()
-    if moved <= SHIFT_TOLERANCE:
+        # (and small enough that float32's step there stays within the bound, for the float32 sums and
+        # rotations after: UTM positions on a whole-metre grid are exact in float32, but 0.5 m apart there)
+        step = np.spacing(np.float32(np.abs(plane).max()))
+    if moved <= SHIFT_TOLERANCE and step <= SHIFT_TOLERANCE:
         return x64.copy() if x64 is xyz else x64
     shift = (x64 if finite.all() else x64[finite]).min(0)
     shift[2:] = 0.0
@@ -1516,7 +1522,7 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
     class comes from the file name through the map's ``names``; with
     ``labels=False`` an unlabelled sample (a label column skipped). The text
     is read in float64 and the positions come as :func:`read_numpy` takes
-    float64 ones: as stored where float32 holds x and y within 0.1 mm, else
+    float64 ones: as stored where float32 holds x and y within 0.1 mm (up to about 1 km), else
     relative to their minimum (the room's, for a folder), subtracted in
     float64 (UTM coordinates keep their millimetres), z as stored."""
     path = Path(path)
