@@ -165,3 +165,58 @@ def test_the_time_limit_stops_every_process_together(tmp_path):
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert report["epochs"] == 1 and report["stopped_by_time_limit"] is True
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def _children(pid: int) -> set[int]:
+    """The pids of ``pid``'s live children (Linux /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_a_sigint_to_the_parent_alone_stops_its_workers(tmp_path):
+    """``kill -INT`` of a ``train --nproc 2`` parent alone (a scheduler's or an
+    IDE's stop; a terminal's Ctrl-C signals every process): the parent took
+    the KeyboardInterrupt and then waited at exit for its spawned workers,
+    which trained on (the command's one-line Ctrl-C end now kills the
+    process at once, and torch's spawn then ends the workers; through
+    Python's own exit, as here, it hung). It now stops them (SIGINT, then
+    SIGKILL after a grace period) and ends; the workers are gone."""
+    import signal
+
+    if not Path("/proc/self/stat").is_file():
+        import pytest
+
+        pytest.skip("reads the processes' parents from /proc")
+    # (POINTSPARSE_TRACEBACK=1: the interrupt goes up through Python's own exit, which joins the workers; the
+    # command's one-line end kills the process at once, and torch's spawn ends workers whose parent died)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1", POINTSPARSE_TRACEBACK="1")
+    argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "10000", *ARGS[ARGS.index("--epochs") + 2:]]
+    proc = subprocess.Popen([sys.executable, "-m", "pointsparse", "train", *argv, "--nproc", "2", "--out",
+                             str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/"):
+                break
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGINT)  # (the parent alone: its own session, no terminal)
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the parent waited on workers that trained on") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGINT
+    assert workers and not any(Path(f"/proc/{pid}").exists() and "Z" not in
+                               Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                               for pid in workers), workers

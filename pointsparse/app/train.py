@@ -1504,10 +1504,16 @@ def main(args) -> int:
         # Only the options, and the record of those typed, travel to the workers (the CLI adds module objects).
         plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") or k == "_typed"})
         with _out_lock(args), _marked_held(args.out):
+            context = mp.start_processes(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc,
+                                         join=False, start_method="spawn")
             try:
-                mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
+                while not context.join():
+                    pass
             except mp.ProcessRaisedException as error:
                 raise _worker_value_error(error) or error
+            except KeyboardInterrupt:  # (a SIGINT to this process alone: its workers, left, trained on while it
+                _stop_workers(context.processes)  # waited for them at exit)
+                raise
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():
             print(f"metrics: {metrics_path}")
@@ -1521,6 +1527,26 @@ def main(args) -> int:
     if _torchrun_world() > 1:  # (a torchrun process: its group's threads outlive it; see finish_process)
         finish_process()
     return 0
+
+
+def _stop_workers(processes, grace: float = 10.0) -> None:
+    """The ``--nproc`` workers still running stopped: SIGINT first (each ends
+    as a Ctrl-C ends it, its checkpoints atomic), then, after ``grace``
+    seconds, SIGKILL."""
+    import signal
+
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            try:
+                os.kill(process.pid, signal.SIGINT)
+            except OSError:  # (ended meanwhile)
+                pass
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _worker_value_error(error) -> ValueError | None:
