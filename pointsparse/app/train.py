@@ -1504,15 +1504,16 @@ def main(args) -> int:
         # Only the options, and the record of those typed, travel to the workers (the CLI adds module objects).
         plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") or k == "_typed"})
         with _out_lock(args), _marked_held(args.out):
-            context = mp.start_processes(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc,
-                                         join=False, start_method="spawn")
+            context = None
             try:
-                while not context.join():
+                context = mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=False)
+                while context is not None and not context.join():  # (None: a stand-in spawn that joined itself)
                     pass
             except mp.ProcessRaisedException as error:
                 raise _worker_value_error(error) or error
             except KeyboardInterrupt:  # (a SIGINT to this process alone: its workers, left, trained on while it
-                _stop_workers(context.processes)  # waited for them at exit)
+                if context is not None:  # waited for them at exit)
+                    _stop_workers(context.processes)
                 raise
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():
