@@ -390,7 +390,8 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         points: float ``(N, 3)`` positions (a tensor, or a numpy array as
             TorchSparse's and MinkowskiEngine's quantisers take: its values
             as ``torch.from_numpy`` gives them, copied only where the array
-            is read-only or not in this machine's byte order).
+            is read-only, of negative strides or not in this machine's byte
+            order; a masked array is refused).
         feats: float ``(N, C)`` per-point features (likewise); default: the
             positions.
         voxel_size: a positive number or 3 numbers.
@@ -466,7 +467,8 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     stride (after a strided conv or pooling) has other rows, which
     ``inverse`` then must index (as a map of the points into those voxels
     does); voxelize's would read other voxels' features wherever its rows
-    fall below the tensor's count (past it, a ValueError says so). ``mode="trilinear"``: interpolate over the 8 voxels around
+    fall below the tensor's count (past it, a ValueError says so).
+    ``mode="trilinear"``: interpolate over the 8 voxels around
     each point (``points``, ``voxel_size`` of the stride-1 grid, ``batch``:
     each point's item, needed where the tensor holds any item but 0), with
     weights renormalised over the active voxels; a point with

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         again = ""
-        if args.command == "train" and (Path(getattr(args, "out", None) or ".") / "checkpoint.pt").is_file():
+        if args.command == "train" and (Path(args.out) / args._module.CHECKPOINT).is_file():
             again = " (train --resume continues from its last checkpoint)"
         print(f"pointsparse {args.command}: interrupted{again}", file=sys.stderr)
         if argv is None:  # (the program itself: it ends by SIGINT, as Python does, so a shell's loop stops too)

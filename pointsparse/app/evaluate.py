@@ -271,8 +271,7 @@ def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, wh
     any other), or labels of the ignore index in the files themselves."""
     if points == 0 or (points - kept) / points <= MOSTLY_IGNORED:
         return
-    why = (f"raw labels the label map {label_map.name!r} does not list: is it the map of these files' labels? "
-           f"({flag})" if label_map is not None else "the files' own labels")
+    why = _unlisted(label_map, flag) if label_map is not None else "the files' own labels"
     print(f"warning: {where}: {100 * (points - kept) / points:.1f}% of the points ({points - kept} of {points}) "
           f"carry the ignore index {ignore_index}, {why}; the metrics score the other {kept}", file=sys.stderr)
 
@@ -301,9 +300,14 @@ def warn_mostly_ignored_clouds(samples, ignore_index: int, num_classes: int, lab
     if heavy:
         name, share = heavy[0]
         print(f"warning: {where}: {len(heavy)} of {total} labelled clouds have more than "
-              f"{100 * MOSTLY_IGNORED:.0f}% of their points ignored, the first {name} ({100 * share:.1f}%): raw labels "
-              f"the label map {label_map.name!r} does not list: is it the map of these files' labels? ({flag})",
-              file=sys.stderr)
+              f"{100 * MOSTLY_IGNORED:.0f}% of their points ignored, the first {name} ({100 * share:.1f}%): "
+              f"{_unlisted(label_map, flag)}", file=sys.stderr)
+
+
+def _unlisted(label_map, flag: str) -> str:
+    """The mostly-ignored warnings' cause where a map read the labels."""
+    return (f"raw labels the label map {label_map.name!r} does not list: is it the map of these files' labels? "
+            f"({flag})")
 
 
 def program_and_state(path, args=None):

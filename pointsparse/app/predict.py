@@ -160,14 +160,13 @@ def _files_read(paths: list[Path]) -> dict[Path, str]:
 
 
 def main(args) -> int:
+    from ..data.datasets import is_generated
     from ..data.readers import find_clouds, load_label_map
-    from .clouds import check_format_maps
+    from .clouds import check_format_maps, check_run_map_file
     from .evaluate import checkpoint_model, inference_model, program_and_state, with_maps_ahead
     from .train import check_threads, load_checkpoint
 
     check_threads(args.threads)
-    from ..data.datasets import is_generated
-
     if is_generated(args.data) and not Path(args.data[0]).exists():
         raise ValueError(f"--data {args.data[0]}: predict writes the classes of point cloud files, and generated "
                          "scenes are none (eval --val-scenes N scores generated ones)")
@@ -197,8 +196,6 @@ def main(args) -> int:
         if name is None:
             raise ValueError(f"--format {args.format} needs the label map whose raw ids to write: give --label-map")
         if not args.label_map:
-            from .clouds import check_run_map_file
-
             check_run_map_file(state, name, f"--format {args.format}")
         label_map = load_label_map(name)
         try:

@@ -1128,8 +1128,8 @@ class TrainingJob:
             # epochs read now (warned of where they changed).
             from .clouds import map_file_digest
 
-            files = self.config.setdefault("label_map_files", {})
-            for word in {saved_args(args).get(key) for key in ("label_map", "val_label_map")}:
+            files, saved = self.config.setdefault("label_map_files", {}), saved_args(args)
+            for word in {saved.get(key) for key in ("label_map", "val_label_map")}:
                 if isinstance(word, str) and Path(word).is_file():
                     files[word] = map_file_digest(word)
         if state is not None:

@@ -728,7 +728,7 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
         # rotations after: UTM positions on a whole-metre grid are exact in float32, but 0.5 m apart there)
         step = np.spacing(np.float32(np.abs(plane).max()))
     if moved <= SHIFT_TOLERANCE and step <= SHIFT_TOLERANCE:
-        return x64.copy() if x64 is xyz else x64
+        return x64  # (as the float32 branch returns xyz: Sample's float32 cast makes its own array)
     shift = (x64 if finite.all() else x64[finite]).min(0)
     shift[2:] = 0.0
     return x64 - shift
@@ -1522,9 +1522,10 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
     class comes from the file name through the map's ``names``; with
     ``labels=False`` an unlabelled sample (a label column skipped). The text
     is read in float64 and the positions come as :func:`read_numpy` takes
-    float64 ones: as stored where float32 holds x and y within 0.1 mm (up to about 1 km), else
-    relative to their minimum (the room's, for a folder), subtracted in
-    float64 (UTM coordinates keep their millimetres), z as stored."""
+    float64 ones: as stored where float32 holds x and y within 0.1 mm (up
+    to about 1 km), else relative to their minimum (the room's, for a
+    folder), subtracted in float64 (UTM coordinates keep their millimetres),
+    z as stored."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
     if path.is_dir():
