@@ -67,7 +67,8 @@ build: $(EXT_STAMP)
 # Two pytest workers, a test file each at a time (--dist loadfile: a file's
 # fixtures are made once): most of the suite is single-threaded Python
 # (tracing, exports, small models), and the 2-core CI machine runs it in
-# under 20 minutes so (bench/RESULTS.md stop 62).
+# under 20 minutes so (bench/RESULTS.md stop 62). Each worker runs its share
+# of the cores' threads (tests/conftest.py: one each here; stop 73).
 test: build
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 

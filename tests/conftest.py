@@ -1,4 +1,5 @@
-"""Shared fixtures: the real datasets folder (skip cleanly when absent)."""
+"""Shared fixtures: the real datasets folder (skip cleanly when absent), one
+torch thread on request; and a thread count per pytest-xdist worker."""
 
 from __future__ import annotations
 
@@ -21,6 +22,34 @@ def find_datasets() -> Path | None:
         if c.is_dir():
             return c
     return None
+
+
+def worker_threads(workers: int, cpus: int | None, threads: int) -> int | None:
+    """The torch threads each of ``workers`` pytest-xdist workers runs with
+    on ``cpus`` processors: their share (at least one) where the workers'
+    default ``threads`` each would ask for more than there are, else None
+    (the default stands)."""
+    cpus = cpus or 1
+    if workers < 2 or workers * threads <= cpus:
+        return None
+    return max(1, cpus // workers)
+
+
+def pytest_configure(config):
+    """In each pytest-xdist worker (``make test`` runs two): torch's threads
+    set to the worker's share of the processors, and ``OMP_NUM_THREADS`` to
+    the same for the processes its tests start (a train, a CLI call). Two
+    workers of two threads each on two cores spin in each other's parallel
+    regions: the suite took 518 s so and 457 s at one thread a worker
+    (AMD EPYC Zen 5, bench/RESULTS.md stop 73), the kernel-heavy files
+    2-3x faster. Tests of thread counts set their own (1 and 2)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = worker_threads(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), cpus, torch.get_num_threads())
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,22 @@ def test_num_threads_follows_torch_and_env(monkeypatch):
             _ext.num_threads()
 
 
+def test_each_pytest_worker_takes_its_share_of_the_processors():
+    """``make test``'s two pytest-xdist workers run one torch thread each on
+    a 2-core machine (conftest.pytest_configure): two workers of two threads
+    stalled each other (bench/RESULTS.md stop 73). More cores or one worker
+    leave torch's default."""
+    from conftest import worker_threads
+
+    assert worker_threads(2, 2, 2) == 1
+    assert worker_threads(3, 2, 2) == 1  # (never none)
+    assert worker_threads(2, 8, 8) == 4
+    assert worker_threads(2, None, 2) == 1  # (os.cpu_count() may be None)
+    assert worker_threads(1, 2, 2) is None
+    assert worker_threads(2, 16, 8) is None
+    assert worker_threads(2, 2, 1) is None
+
+
 @pytest.mark.parametrize("value", ["1000000", "512", "99999999999"])
 def test_huge_thread_counts_are_clamped_not_a_crash(value):
     """A runaway thread count once overflowed the OpenMP runtime's stacks."""
