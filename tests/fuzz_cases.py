@@ -627,7 +627,8 @@ def case_threads(rng):
     """Clouds of thousands of rows (where the core splits its work between
     threads) through the public entry points at 1 and 2 threads: a pruned
     conv's forward and both gradients (strided, transposed, dilated, with a
-    kernel region, bias, ReLU), voxelize and its gradient, the map builders,
+    kernel region, bias, ReLU), its forward without autograd (bf16 or as
+    drawn; bias, ReLU and a sum in the kernel's store), voxelize and its gradient, the map builders,
     pooling, a compressed conv and a pruned conv + batch norm + transposed
     conv network, each bit for bit the same at both counts (the conv also
     against torch's float64 sum). One case in nine is a cloud too large or
@@ -640,7 +641,7 @@ def case_threads(rng):
     seed = int(rng.integers(1 << 30))
     coords = random_coords(int(_pick(rng, [2000, 6000, 20000])), extent, seed=seed)
     rows = len(coords)
-    part = _pick(rng, ["conv", "conv", "conv", "voxelize", "kmap", "pool", "compressed", "network", "refused"])
+    part = _pick(rng, ["conv", "conv", "inference", "voxelize", "kmap", "pool", "compressed", "network", "refused"])
     where = f"{part} on {rows} rows (extent {extent})"
     if part == "refused":  # a span no 63-bit key holds, from points or coordinates
         if rng.random() < 0.5:
@@ -729,6 +730,37 @@ def case_threads(rng):
         _same_bits(results, ("out_coords", "sizes", "in_idx", "out_idx"), f"{where} k={k} s={t} {method}")
         ref = kmap_reference(coords, k, t)
         assert torch.equal(results[0][0].to(torch.int64), ref[0].to(torch.int64)), f"{where}: out_coords not the reference's"
+        return
+
+    if part == "inference":  # the forward without autograd, as a fused or exported model runs it
+        dtype = _pick(rng, [torch.bfloat16, torch.bfloat16, dtype])  # (bf16: vdpbf16ps, or widened to float32)
+        c_in, c_out = _channels(rng), _channels(rng)
+        k, t = _pick(rng, [(3, 1), (3, 1), (2, 2), (1, 1)])
+        w = _pruned_weight(rng, k ** 3, c_in, c_out, torch.float32).to(dtype)
+        bias = torch.from_numpy(rng.standard_normal(c_out)).to(dtype) if rng.random() < 0.5 else None
+        relu = bool(rng.random() < 0.5)
+        feats = torch.from_numpy(rng.standard_normal((rows, c_in))).to(dtype)
+        add = torch.from_numpy(rng.standard_normal((rows, c_out))).to(dtype) if t == 1 and rng.random() < 0.5 else None
+
+        def run():
+            x = ps.SparseTensor(feats, coords.clone())
+            with torch.no_grad():
+                y = F.conv3d(x, w, k, t, bias=bias, relu=relu, add=None if add is None else x.with_feats(add))
+            return [y.coords, y.feats], (x, y)
+
+        with _accepted("the inference conv"):
+            results = _at_threads(run)
+        where = f"{where} {dtype} k={k} s={t}"
+        _same_bits([r for r, _ in results], ("coords", "forward"), where)
+        x, y = results[0][1]
+        ref = conv_sum(x.feats.double(), w.double(), kmap.get_kmap(x, k, t))
+        ref = ref + (0 if bias is None else bias.double()) + (0 if add is None else add.double())
+        ref = ref.clamp_min(0) if relu else ref
+        # bf16: products of bf16 inputs summed in float32, the sum rounded once to bf16
+        tol = (1e-2 if dtype == torch.bfloat16 else 1e-4 if dtype == torch.float32 else 1e-10) * (
+            float(ref.abs().max()) + 1 if ref.numel() else 1)
+        err = float((y.feats.double() - ref).abs().max()) if ref.numel() else 0.0
+        assert err <= tol * max(c_in, c_out, 8), f"{where}: forward {err:.3g} from torch's sum"
         return
 
     channels = _channels(rng)
