@@ -5,6 +5,7 @@ pruning (ESE) and the imbalance measure."""
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -544,15 +545,23 @@ def test_compressed_modules_refuse_a_conversion_to_float8(fmt, kwargs, dtype):
     checks refuse: the layer's state_dict did not load into the layer
     converted alike, and SparseLinear's product on a float8 input was
     torch's bare NotImplementedError ('scatter_gather_tensor_cpu'). Now a
-    TypeError naming the layer and the dtypes a format holds."""
+    TypeError naming the layer and the dtypes a format holds; the layer
+    by the name the one it replaced had in the model (torch's conversion of
+    a model named none), and what the conversion left converted."""
     model = _pruned_model(fmt)
     compressed = F.compress(model, fmt, **kwargs)
-    for layer in (compressed[1], compressed[2].fn):
-        with pytest.raises(TypeError, match=f"{type(layer).__name__} holds its weight in a sparse format of float16, "
-                                            f"bfloat16, float32 or float64 values .* conversion to {dtype}"):
+    for layer, name in ((compressed[1], "1"), (compressed[2].fn, "2.fn")):
+        with pytest.raises(TypeError, match=f"{type(layer).__name__} \\(compressed from '{name}'\\) holds its weight in "
+                                            f"a sparse format of float16, bfloat16, float32 or float64 values .* "
+                                            f"conversion to {dtype}"):
             layer.to(dtype)
         formats = layer.offsets if isinstance(layer, F.SparseConv3d) else layer.weight_format
         assert all(f.dtype == torch.float32 for f in ([formats] if isinstance(formats, F.SparseFormat) else formats))
+    with pytest.raises(TypeError, match="SparseConv3d \\(compressed from '1'\\) .* those before this one are "
+                                        "converted by now"):
+        compressed.to(dtype)
+    with pytest.raises(TypeError, match="^SparseLinear holds"):  # (compressed alone: no model's name)
+        F.compress(torch.nn.Linear(4, 2), fmt, **kwargs).to(dtype)
 
 
 def test_compressed_modules_refuse_gradients_they_cannot_give():
@@ -1186,7 +1195,7 @@ def test_malformed_format_data_in_a_state_is_named(fmt, kwargs):
                                ValueError)):
             bad = copy.deepcopy(good)
             mutate(data_of(bad, key))
-            with pytest.raises(error, match=f"{layer}: _extra_state's"):
+            with pytest.raises(error, match=f"{layer} '{key.split('.')[0]}': _extra_state's"):
                 compressed.load_state_dict(bad)
             now = compressed.state_dict()
             assert all(torch.equal(now[k], good[k]) for k in good if isinstance(good[k], torch.Tensor))
@@ -1207,7 +1216,9 @@ def test_a_layer_its_format_refuses_is_named_in_a_model():
     prune.remove(model[0], "weight")
     with pytest.raises(ValueError, match=r"^2\.0: kernel offset 0 "):
         F.compress(model, "nm", n=2, m=4)
-    with pytest.raises(ValueError, match=r"^kernel offset 0 "):
+    with pytest.raises(ValueError, match=r"^kernel offset 0 .* prune it first \(prune.nm_structured\), or pass "
+                                         r"prune=True, which keeps the n largest magnitudes per group: the weight, "
+                                         r"and so the outputs, change"):
         F.compress(model[2][0], "nm", n=2, m=4)
 
 
@@ -1590,3 +1601,43 @@ def test_compress_keeps_the_linears_torchs_transformer_reads_directly_dense():
         attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
         with torch.no_grad():
             torch.testing.assert_close(F.compress(attention, "coo")(x, x, x)[0], attention(x, x, x)[0])
+
+
+def test_a_refused_state_names_the_models_layer_and_training_warns():
+    """A model's compressed layer refused a state of another dtype with its
+    class alone ("SparseConv3d: _extra_state's offsets have dtype ..."), where
+    the refusal of an uncompressed state named the layer; now both do.
+    ``model.train()`` warns (once) that a compressed layer's weight, no
+    parameter, stays as it is; the layers around it train and its input
+    gradient is given."""
+    model = F.compress(_pruned_model("csr"), "csr")
+    doubled = F.compress(_pruned_model("csr"), "csr").double()
+    with pytest.raises(TypeError, match=r"^SparseConv3d '1': _extra_state's offsets have dtype torch.float32; "
+                                        r"this conv's are torch.float64"):
+        doubled.load_state_dict(model.state_dict())
+    with pytest.raises(TypeError, match=r"^SparseLinear '2.fn': _extra_state's weight_format"):
+        doubled.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("1.")},
+                                strict=False)
+    layer = F.compress(_pruned_conv(), "csr")  # (alone: its class, as before)
+    with pytest.raises(TypeError, match=r"^SparseConv3d: _extra_state's offsets have dtype"):
+        layer.load_state_dict(F.compress(_pruned_conv().double(), "csr").state_dict())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        model.train()
+        model.train()
+        model.eval()
+    assert len(caught) == 1 and "inference copy: its weight is no parameter" in str(caught[0].message)
+    x = _sparse_input(channels=8)
+    feats = x.feats.clone().requires_grad_()
+    model[1](x.with_feats(feats)).feats.sum().backward()  # (the engine's input gradient)
+    assert feats.grad is not None and not list(model[1].parameters())
+
+
+def test_compressed_linear_on_another_device_than_its_input_is_named():
+    """A compressed Linear moved to the meta device (as skip_init and
+    ``with torch.device("meta")`` make them) took a CPU input into torch's
+    bare "Tensor on device meta is not on the expected device cpu!"."""
+    linear = F.compress(torch.nn.Linear(4, 2), "csr").to("meta")
+    with pytest.raises(ValueError, match=r"SparseLinear: its weight is on meta but the input on cpu"):
+        linear(torch.ones(3, 4))

@@ -826,8 +826,9 @@ def test_kernel_region_gradcheck_and_errors():
     f = x.feats.clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda a, b: F.conv3d(x.with_feats(a), b, 3, kernel_region="cross").feats, (f, w))
-    with pytest.raises(ValueError, match="kernel_region"):
-        ps.nn.Conv3d(2, 2, 3, kernel_region="star")
+    with pytest.raises(ValueError, match="kernel_region must be None, 'cross' \\(the hyper-cross: MinkowskiEngine's "
+                                         "HYPER_CROSS\\)"):
+        ps.nn.Conv3d(2, 2, 3, kernel_region="hyper-cross")
     with pytest.raises(ValueError, match="kernel_region"):
         ps.nn.Conv3d(2, 2, 3, kernel_region=[0, 27])
     with pytest.raises(ValueError, match="kernel_region"):

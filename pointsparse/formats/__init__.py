@@ -144,6 +144,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                         done[id(child)] = compress(child, cls, example, **kwargs)
                     except (ValueError, TypeError) as error:  # (which of the model's layers)
                         raise type(error)(f"{qualified}: {error}") from error
+                    done[id(child)]._compressed_from = qualified  # (named in errors torch gives no path for)
                 setattr(sub, child_name, done[id(child)])
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -69,7 +70,14 @@ def extra_state_checked_first(module: nn.Module, state_dict, prefix: str, local_
         return
     assign = local_metadata.get("assign_to_params_buffers", False)
     device = assigned_device(state_dict, prefix) if assign else None
-    module._checked_extra_state = (state_dict[key], module._checked_state(state_dict[key]), device)
+    try:
+        checked = module._checked_state(state_dict[key])
+    except (TypeError, ValueError) as error:  # (which of the model's layers refused it, as torch's own errors say)
+        head, text = f"{type(module).__name__}:", str(error)
+        if not prefix or not text.startswith(head):
+            raise
+        raise type(error)(f"{type(module).__name__} '{prefix[:-1]}':{text[len(head):]}") from None
+    module._checked_extra_state = (state_dict[key], checked, device)
     try:
         yield
     finally:
@@ -202,6 +210,9 @@ class SparseLinear(nn.Module):
         if self.execution not in LINEAR_EXECUTIONS:  # (set on the layer after it was made)
             raise ValueError(f"execution must be one of {LINEAR_EXECUTIONS}; got {self.execution!r}")
         if self.execution == "dense":
+            if input.device != self.dense_weight.device:  # (torch's bare "Tensor on device meta is not on ...")
+                raise ValueError(f"{layer_name(self)}: its weight is on {self.dense_weight.device} but the input on "
+                                 f"{input.device}")
             return nn.functional.linear(input, self.dense_weight, self.bias)
         return self._product(input)
 
@@ -277,10 +288,14 @@ class SparseLinear(nn.Module):
             self.register_buffer("dense_weight", self.weight_format.to_dense(), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
-        dtype = converted_dtype(fn, self.weight_format.dtype, type(self).__name__)
+        dtype = converted_dtype(fn, self.weight_format.dtype, layer_name(self))
         result = super()._apply(fn, *args, **kwargs)
         self.weight_format = self.weight_format._with_dtype(dtype)
         return result
+
+    def train(self, mode: bool = True):
+        warn_training(self, mode)
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}, "
@@ -346,6 +361,27 @@ def check_dtype(module: nn.Module, got: str, dtype: torch.dtype, format_name: st
                         f"convert the input{layer}")
 
 
+def warn_training(module: nn.Module, mode) -> None:
+    """The warning of ``module.train()`` on a compressed layer: its weight
+    lives in its format, no parameter, so an optimizer over the model's
+    parameters trains the layers around it and leaves it as it is (its
+    input gradient is given: a frozen compressed backbone under a trained
+    head is a use). Once a process (one text, torch's train() its place)."""
+    if mode:
+        warnings.warn("a compressed layer (pointsparse.formats.compress) is an inference copy: its weight is no "
+                      "parameter and stays as it is while the layers around it train (train the uncompressed "
+                      "model, then compress it)", UserWarning, stacklevel=3)
+
+
+def layer_name(module: nn.Module) -> str:
+    """The class of the compressed layer ``module`` and, where
+    :func:`pointsparse.formats.compress` made it inside a model, the name the
+    layer it replaced had there (errors that torch raises without the
+    module's path, such as a conversion's, name it so)."""
+    path = getattr(module, "_compressed_from", None)
+    return type(module).__name__ + (f" (compressed from '{path}')" if path else "")
+
+
 def converted_dtype(fn, dtype: torch.dtype, what: str) -> torch.dtype:
     """The dtype ``module._apply(fn)`` gives a floating tensor of ``dtype``
     (``.to(dtype)``, ``.double()``, ``.half()``, ...), which a compressed
@@ -360,7 +396,9 @@ def converted_dtype(fn, dtype: torch.dtype, what: str) -> torch.dtype:
     probe = fn(torch.zeros((), dtype=dtype))
     if probe.dtype not in VALUE_DTYPES:  # (float8 is floating: formats of it failed their own checks)
         raise TypeError(f"{what} holds its weight in a sparse format of float16, bfloat16, float32 or float64 values "
-                        f"({dtype}) and cannot follow a conversion to {probe.dtype}")
+                        f"({dtype}) and cannot follow a conversion to {probe.dtype} (torch converts a model's layers "
+                        f"in order: those before this one are converted by now; convert them back or reload the "
+                        f"model's state_dict)")
     return probe.dtype
 
 
@@ -575,7 +613,7 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
         return list(offsets)
 
     def _apply(self, fn, *args, **kwargs):
-        dtype = converted_dtype(fn, self.format_dtype, type(self).__name__)
+        dtype = converted_dtype(fn, self.format_dtype, layer_name(self))
         result = super()._apply(fn, *args, **kwargs)  # (the bias and engine_weight, as the formats below)
         self.offsets = self.offsets._with_dtype(dtype) if isinstance(self.offsets, FKW) else \
             [f._with_dtype(dtype) for f in self.offsets]
@@ -687,6 +725,10 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
         if isinstance(self.offsets, FKW):
             return self.offsets.nbytes() + extra
         return sum(f.nbytes() for f in self.offsets) + extra
+
+    def train(self, mode: bool = True):
+        warn_training(self, mode)
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -89,7 +89,8 @@ class NM(SparseFormat):
             row, group = (nonzero > n).nonzero()[0].tolist()
             raise ValueError(
                 f"tensor is not {n}:{m} sparse: row {row}, columns {group * m}..{group * m + m - 1} "
-                f"hold {int(nonzero[row, group])} nonzeros; prune it first or pass prune=True")
+                f"hold {int(nonzero[row, group])} nonzeros; prune it first (prune.nm_structured), or pass prune=True, "
+                "which keeps the n largest magnitudes per group: the weight, and so the outputs, change")
         score = padded.abs().to(torch.float64)
         score[padded != 0] += 1.0  # nonzeros first, even the tiny ones (and NaN-free order)
         score = score.nan_to_num(nan=float("inf"))

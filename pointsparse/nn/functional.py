@@ -57,7 +57,8 @@ def _region(k, region) -> torch.Tensor | None:
     _kmap.check_kernel(k, (1, 1, 1), (1, 1, 1))
     if isinstance(region, str):
         if region != "cross":
-            raise ValueError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}")
+            raise ValueError("kernel_region must be None, 'cross' (the hyper-cross: MinkowskiEngine's HYPER_CROSS) or "
+                             f"a sequence of offset indices; got {region!r}")
         # (on the CPU, as every (K,) mask here: under ``with torch.device("meta")`` the default device's mask
         # had no values and a Conv3d's constructor failed reading it, in torch's nonzero)
         grid = torch.stack(torch.meshgrid(*[torch.arange(n, device="cpu") - (n - 1) // 2 for n in k],
