@@ -264,6 +264,8 @@ def archive_kind(path) -> str | None:
     errors of a file given where the other kind is read."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if embedded(archive):
+                return None
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, UnicodeDecodeError):
         return None
@@ -274,6 +276,18 @@ def archive_kind(path) -> str | None:
     return None
 
 
+def embedded(archive: zipfile.ZipFile) -> bool:
+    """Whether the archive Python's ``zipfile`` found is one stored inside
+    the file rather than the file's own: its first record starts past the
+    file's first byte. A file cut short loses its own archive's end records,
+    and ``zipfile`` then takes the end records of a zip the file holds
+    uncompressed (an exported program holds a ``torch.save`` archive of its
+    sample inputs): the cut program read as a checkpoint. torch writes its
+    archives from their first byte."""
+    records = archive.infolist()
+    return bool(records) and min(r.header_offset for r in records) > 0
+
+
 def _bad_record(path: Path) -> str | None:
     """The name of the first record of the zip archive at ``path`` whose
     CRC-32 does not match its bytes (or whose header does not read), or None
@@ -281,6 +295,8 @@ def _bad_record(path: Path) -> str | None:
     ``torch.load`` checks none of them."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if embedded(archive):
+                return "(the archive's end records: the file is cut short)"
             return archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, UnicodeDecodeError):
         return None

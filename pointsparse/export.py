@@ -56,6 +56,7 @@ import ast
 import contextlib
 import io
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -411,11 +412,15 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     _check_members(path, data)
     _check_data_only(path, data)
     extra = {META_FILE: ""}
-    import logging
+    from . import __version__
 
-    quiet = logging.getLogger("torch.export")  # (logs a traceback at WARNING for a file it cannot read)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # torch's reader logs a traceback at WARNING for a file it cannot read and raises "check the warnings
+    # above": the records are kept here, not printed, and their cause named in the error
+    quiet = logging.getLogger("torch.export")
+    kept = _KeptRecords()
+    level, handlers, propagate = quiet.level, quiet.handlers, quiet.propagate
+    quiet.handlers, quiet.propagate = [kept], False
+    quiet.setLevel(logging.WARNING)
     try:
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
         meta = json.loads(extra[META_FILE] or "{}")
@@ -426,13 +431,42 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
             raise ValueError(f"{path} is a torch.save file (a checkpoint?), not an exported program: pointsparse "
                              f"export --checkpoint {path} --out model.pt2 writes a training checkpoint's program "
                              "(pointsparse.export.export_model and save a model's)") from None
-        raise ValueError(f"{path} is not a program written by pointsparse.export.save, or it is damaged "
-                         f"({type(error).__name__}: {str(error)[:200]})") from error
+        cause = kept.cause() or f"{type(error).__name__}: {str(error)[:200]}"
+        raise ValueError(f"{path} is not a program written by pointsparse.export.save, or it is damaged, or it was "
+                         f"written by another version of pointsparse or torch than these ({__version__} and "
+                         f"{torch.__version__}) ({cause})") from error
     finally:
+        quiet.handlers, quiet.propagate = handlers, propagate
         quiet.setLevel(level)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its {META_FILE} holds {type(meta).__name__}, not the meta dict save writes")
     return program, meta
+
+
+class _KeptRecords(logging.Handler):
+    """The log records of a failed read, kept (:func:`load`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list = []
+
+    def emit(self, record) -> None:
+        self.records.append(record)
+
+    def cause(self) -> str | None:
+        """The first line of the innermost error a kept record carries
+        (torch's "We failed to resolve torch.ops.pointsparse.X", "Serialized
+        schema version ... does not match"), or None."""
+        for record in reversed(self.records):
+            error = record.exc_info[1] if record.exc_info else None
+            seen = set()
+            while error is not None and (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+                seen.add(id(error))
+                error = error.__cause__ or error.__context__
+            if error is not None:
+                first = (str(error).strip().splitlines() or [""])[0]
+                return f"{type(error).__name__}: {first[:300]}"
+        return None
 
 
 def _check_members(path: Path, data: bytes) -> None:
@@ -442,9 +476,13 @@ def _check_members(path: Path, data: bytes) -> None:
     the reader's own error."""
     import zipfile
 
+    from .checkpoint import embedded
+
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            bad = archive.testzip()  # reads every member, checks its CRC-32 and its local header
+            # (the end of another zip inside, found where this one's end records are cut off)
+            cut = embedded(archive)
+            bad = None if cut else archive.testzip()  # reads every member, checks its CRC-32 and local header
     except zipfile.BadZipFile as error:
         try:
             if not zipfile.is_zipfile(io.BytesIO(data)):
@@ -455,6 +493,9 @@ def _check_members(path: Path, data: bytes) -> None:
     except (OSError, EOFError, ValueError, NotImplementedError) as error:
         raise ValueError(f"{path} is damaged: its zip archive does not read "
                          f"({type(error).__name__}: {str(error)[:200]})") from error
+    if cut:
+        raise ValueError(f"{path} is damaged: its zip archive's end records are missing (the file is cut short: "
+                         "written or copied only in part?)")
     if bad is not None:
         raise ValueError(f"{path} is damaged: its member {bad} does not match the CRC-32 stored for it "
                          "(the file changed after it was written)")
@@ -937,6 +978,11 @@ class ProgramModel(nn.Module):
         self.num_classes = self.out_shape[0] if self.output == "logits" else None
         self.logits_dtype = first.dtype  # (SPVCNN's: float32 from its point branch, bf16 voxels or not)
         self.points_dtype = vals[inputs[3]].dtype if self.point_level else None
+        # a point-level program exported since the graph checks its points' values itself
+        # (pointsparse::point_coords): those checks are not made twice a call here
+        checker = torch.ops.pointsparse.point_coords.default
+        self.checks_points = self.point_level and any(node.op == "call_function" and node.target is checker
+                                                      for node in program.graph.nodes)
         if meta is not None and not isinstance(meta, dict):
             raise TypeError(f"meta must be None or the dict load returns; got {type(meta).__name__}")
         self.meta = dict(meta or {})
@@ -1099,7 +1145,7 @@ class ProgramModel(nn.Module):
             return out
         from .models.spvcnn import check_points
 
-        check_points(x, inverse, points, point_batch)
+        check_points(x, inverse, points, point_batch, values=not self.checks_points)
         if points.dtype != self.points_dtype:
             raise TypeError(f"points must be {self.points_dtype} ({self.source} takes them); got {points.dtype}")
         # (indices of any integer dtype, as SPVCNN takes them: the same rows, as the program's int64)

@@ -39,6 +39,9 @@ output shapes, with unbacked symbolic sizes where a count depends on the data;
     the 8 voxels around each point and their weights (trilinear devoxelize).
 ``voxel_rows(coords, stride, point_coords)``
     the voxel row holding each point (SPVCNN's point-to-voxel lookups).
+``point_coords(coords, inverse, points, point_batch)``
+    ``coords[inverse]`` once SPVCNN's point arguments are checked against
+    the voxels (a program's own check of its inputs' values).
 ``keep_rows(scores, batch, keep_ratio?, threshold?)``
     the rows a :class:`~pointsparse.nn.VoxelPrune` keeps (R unbacked; a
     threshold that keeps none of a non-empty input raises ``ValueError``).
@@ -928,6 +931,23 @@ def voxel_rows(coords: Tensor, stride: list[int], point_coords: Tensor) -> Tenso
 def _(coords, stride, point_coords):
     _one_device("voxel_rows", coords=coords, point_coords=point_coords)
     return point_coords.new_empty((point_coords.shape[0],), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::point_coords", mutates_args=())
+def point_coords(coords: Tensor, inverse: Tensor, points: Tensor, point_batch: Tensor) -> Tensor:
+    """:func:`pointsparse.models.spvcnn.checked_point_coords`: ``coords[inverse]``,
+    the voxel coords of each point, once the points' values are checked
+    against the voxels (``inverse``'s rows, each point in its voxel, its
+    batch): a ValueError naming the first point that fails."""
+    from .models.spvcnn import checked_point_coords
+
+    return checked_point_coords(coords, inverse, points, point_batch)
+
+
+@point_coords.register_fake
+def _(coords, inverse, points, point_batch):
+    _one_device("point_coords", coords=coords, inverse=inverse, points=points, point_batch=point_batch)
+    return coords.new_empty((inverse.shape[0], coords.shape[1]))
 
 
 @torch.library.custom_op(f"{_LIB}::keep_rows", mutates_args=())

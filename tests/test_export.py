@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 
 import pointsparse as ps
-from pointsparse import export, kmap, ops
+from pointsparse import checkpoint, export, kmap, ops
 from pointsparse import nn as spnn
 from pointsparse.models import SPVCNN, MinkUNet
 from pointsparse.prune import l1_unstructured, surgery
@@ -178,6 +179,12 @@ def test_conv_inference_operator():
     torch.library.opcheck(torch.ops.pointsparse.batch_counts.default, (items, 3, 4),
                           test_utils=("test_schema", "test_faketensor"))
     assert ops.batch_counts(items, 3, 4).tolist() == [len(x) // 4 + (i < len(x) % 4) for i in range(4)]
+    inverse = torch.randint(0, len(x), (50,), generator=torch.Generator().manual_seed(3))
+    points = x.coords[inverse, 1:].double() + torch.rand(50, 3, dtype=torch.float64)
+    point_batch = x.coords[inverse, 0].long()
+    torch.library.opcheck(torch.ops.pointsparse.point_coords.default, (x.coords, inverse, points, point_batch),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(ops.point_coords(x.coords, inverse, points, point_batch), x.coords[inverse])
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max", "first"])
@@ -762,7 +769,6 @@ def test_a_checkpoint_given_as_the_program_is_named_as_one(tmp_path):
     """A checkpoint (checkpoint.save's, or a plain torch.save) where a program is read (ProgramModel.load,
     eval --program for --checkpoint) was "not a program ..., or it is damaged" with torch's "We ran into an
     error when deserializing the saved file"; it is named as a torch.save file, and how to export it."""
-    from pointsparse import checkpoint
 
     checkpoint.save(tmp_path / "run.pt", {"model": {"w": torch.ones(2)}, "config": {}})
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt2")
@@ -1597,6 +1603,62 @@ def _flip(data: bytes, offset: int) -> bytes:
     return bytes(damaged)
 
 
+def test_load_names_a_program_cut_short_or_of_another_version(tmp_path, caplog):
+    """A program cut short by 22 bytes to 10 kB lost its archive's end
+    records, and Python's zipfile then found those of the torch.save archive
+    the program holds (its sample inputs): load said "a torch.save file (a
+    checkpoint?)" and told the user to export it. A program naming an
+    operator or a schema this pointsparse and torch do not have said "check
+    the warnings above", which load keeps from being printed. Now: cut
+    short, and the version's cause (torch's own words) with the versions."""
+    import logging
+    import zipfile
+
+    caplog.set_level(logging.WARNING)
+    x = export.example_input(4, 0.4)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.ReLU(), spnn.Conv3d(8, 3, 1)).eval()
+    path = tmp_path / "p.pt2"
+    export.save(export.export_model(net, x), path, {"classes": ["a", "b", "c"]})
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt2"
+    with zipfile.ZipFile(path) as archive:  # (cut anywhere past the sample inputs' own archive, whose end stays)
+        inner = next(m for m in archive.infolist() if m.filename.endswith("sample_inputs/model.pt"))
+    header = inner.header_offset  # (the local header's own name and extra lengths: torch pads it)
+    inner_end = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + int.from_bytes(
+        data[header + 28:header + 30], "little") + inner.file_size
+    for k in (22, 100, len(data) - inner_end - 1):
+        cut.write_bytes(data[:-k])
+        with pytest.raises(ValueError, match=r"cut\.pt2 is damaged: its zip archive's end records are missing \(the "
+                                             r"file is cut short"):
+            export.load(cut)
+        with pytest.raises(ValueError, match=r"the checkpoint is damaged|checkpoint is corrupted"):
+            checkpoint.load(cut)  # (and as a checkpoint: no torch.save file read out of its middle)
+
+    def rewritten(name, change):
+        out = tmp_path / name
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+            for info in source.infolist():
+                body = source.read(info.filename)
+                target.writestr(info, change(body) if info.filename.endswith("models/model.json") else body)
+        return out
+
+    renamed = rewritten("renamed.pt2", lambda b: b.replace(b"pointsparse.kmap_build.default",
+                                                           b"pointsparse.kmap_build_v9.default"))
+    schema = rewritten("schema.pt2", lambda b: json.dumps({**json.loads(b), "schema_version": {
+        "major": 99, "minor": 0}}).encode())
+    version = rf"written by another version of pointsparse or torch than these \({ps.__version__} and " \
+              rf"{re.escape(torch.__version__)}\)"
+    with pytest.raises(ValueError, match=version + r" \(SerializeError: We failed to resolve "
+                                         r"torch.ops.pointsparse.kmap_build_v9.default"):
+        export.load(renamed)
+    with pytest.raises(ValueError, match=version + r" \(SerializeError: Serialized schema version "
+                                         r"SchemaVersion\(major=99"):
+        export.load(schema)
+    assert "Traceback" not in caplog.text and "deserializing" not in caplog.text, caplog.text[:500]
+    assert export.load(rewritten("same.pt2", lambda b: b))[1] == {"classes": ["a", "b", "c"]}
+
+
 def test_load_refuses_a_damaged_program(tmp_path):
     """A byte flipped inside any member of a saved program (a weight, the
     graph, the meta) raises a ValueError naming the file and that member:
@@ -1729,6 +1791,26 @@ def test_spvcnn_program_checks_its_point_arguments():
     with pytest.raises(TypeError, match="points must be a float tensor"):
         model(voxels)
     assert model(voxels, inverse[:0], points[:0], point_batch[:0]).shape == (0, 3)
+
+    # The program's own module (torch.export.load's, as the README loads it) checks the values too: it ran a -1
+    # inverse (the last voxel's row), another batch's index and points in metres silently. The checks are one
+    # operator of the graph, which ProgramModel does not repeat.
+    checkers = [n for n in program.graph.nodes if n.target is torch.ops.pointsparse.point_coords.default]
+    assert len(checkers) == 1 and model.checks_points
+    raw = program.module()
+    feats, coords, index, batch = voxels.feats, voxels.coords, inverse.long(), point_batch.long()
+    with torch.no_grad():
+        assert torch.equal(raw(feats, coords, index, points, batch), model(voxels, inverse, points, point_batch))
+        wrong = index.clone()
+        wrong[0] = -1
+        with pytest.raises(ValueError, match=r"inverse holds rows outside \[0, \d+\)"):
+            raw(feats, coords, wrong, points, batch)
+        with pytest.raises(ValueError, match="point_batch must be the voxels' batch index"):
+            raw(feats, coords, index, points, batch + 1)
+        with pytest.raises(ValueError, match=r"points\[0\] = .* lies outside its voxel"):
+            raw(feats, coords, index, points * 0.4, batch)  # (in metres: voxel units times the voxel's size)
+        with pytest.raises(ValueError, match=r"points\[0\] = .* lies outside its voxel"):
+            model(voxels, inverse, points * 0.4, point_batch)
 
 
 def test_spvcnn_program_takes_point_indices_of_any_integer_dtype_as_the_model_does():
@@ -2262,7 +2344,6 @@ def test_load_checkpoint_names_the_file_whose_weights_do_not_fit(tmp_path):
     model: the ValueError / TypeError names the file, as load_model's does
     (it said "the weights do not fit the model its config builds" or
     "config lacks 'cr'", naming no file)."""
-    from pointsparse import checkpoint
 
     weights = MinkUNet(7, 4, cr=0.25, blocks=1).state_dict()
     first = next(iter(weights))

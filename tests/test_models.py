@@ -886,8 +886,8 @@ def test_point_to_voxel_refuses_point_feats_of_no_float_dtype(dtype):
 
 
 def test_spvcnn_forward_reads_the_point_rows_range_only_in_check_points():
-    """SPVCNN's forward checks its inputs once (check_points: inverse's rows
-    read back to the host); the rows it derives for point_to_voxel
+    """SPVCNN's forward checks its inputs once (check_points, in its
+    checked_point_coords: inverse's rows read back to the host); the rows it derives for point_to_voxel
     (point_rows: rows of the tensor by construction) were read back again,
     min and max, at each of its two point-to-voxel steps, every forward."""
     import os
@@ -914,7 +914,7 @@ def test_spvcnn_forward_reads_the_point_rows_range_only_in_check_points():
 
     with torch.no_grad(), Record():
         net(x, inverse, points, batch)
-    assert sorted(readers) == ["check_points", "check_points"], readers
+    assert sorted(readers) == ["checked_point_coords", "checked_point_coords"], readers
 
 
 def _with_voxel_skips(net):

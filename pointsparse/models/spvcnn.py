@@ -132,11 +132,12 @@ def _as_index(t):
 
 
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
-                 point_batch: torch.Tensor) -> torch.Tensor:
+                 point_batch: torch.Tensor, values: bool = True) -> torch.Tensor | None:
     """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
     ``ValueError`` naming them, and one on another device than ``voxels``;
-    outside a traced graph, ``inverse``'s rows, ``point_batch`` and the
-    points' positions against the voxels too);
+    ``inverse``'s rows, ``point_batch`` and the points' positions against
+    the voxels too: :func:`checked_point_coords`, in a traced graph as its
+    operator; ``values=False``: the types and shapes only, None returned);
     returns the points' voxel coords ``voxels.coords[inverse]``."""
     if not isinstance(points, torch.Tensor) or not points.is_floating_point():
         got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
@@ -154,14 +155,29 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
             or point_batch.shape != (points.shape[0],):
         raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
                          f"{tuple(inverse.shape)}, {tuple(point_batch.shape)}")
-    checks = not torch.compiler.is_compiling() and len(inverse)  # (len() would fix a graph's point count)
-    if checks and (int(inverse.min()) < 0 or int(inverse.max()) >= len(voxels)):
-        raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
-    point_coords = voxels.coords[inverse]
-    if checks:
+    if not values:  # (a caller whose program checks them: an exported program's own operator)
+        return None
+    if torch.compiler.is_compiling():  # (the same checks, as an operator: they run when the graph runs)
+        return torch.ops.pointsparse.point_coords(voxels.coords, inverse, points, point_batch)
+    return checked_point_coords(voxels.coords, inverse, points, point_batch)
+
+
+def checked_point_coords(coords: torch.Tensor, inverse: torch.Tensor, points: torch.Tensor,
+                         point_batch: torch.Tensor) -> torch.Tensor:
+    """``coords[inverse]``, the voxel coords of each point, once ``inverse``
+    holds rows of ``coords``, each point lies in its voxel and
+    ``point_batch`` is its voxel's batch (a ValueError naming the first that
+    does not): :func:`check_points`'s checks of the values, eager or as the
+    operator ``pointsparse::point_coords`` in a graph (an exported SPVCNN
+    ran a -1 inverse, points in metres or another batch's index silently).
+    The shapes and dtypes are :func:`check_points`'."""
+    if len(inverse) and (int(inverse.min()) < 0 or int(inverse.max()) >= len(coords)):
+        raise ValueError(f"inverse holds rows outside [0, {len(coords)}) (the voxel row of each point)")
+    point_coords = coords[inverse]
+    if len(inverse):
         # Points in voxel units lie in their voxel (floor(points) its coords; a float32 rounding may
         # reach the next one): points in metres, or in other units, read other voxels silently.
-        away = _away(points, point_coords[:, 1:], voxels.coords[:, 1:])
+        away = _away(points, point_coords[:, 1:], coords[:, 1:])
         if bool(away.any()):
             i = int(away.any(1).nonzero()[0, 0])
             if not bool(points[i].isfinite().all()):
