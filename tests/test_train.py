@@ -46,6 +46,7 @@ def test_cli_smoke_train_then_eval(tmp_path, capsys):
     report = json.loads((out / "metrics.json").read_text())
     assert 0 <= report["miou"] <= 1 and set(report["per_class"]) == set(report["classes"])
     assert report["classes"][0] == "road" and report["steps"] == 1 and report["epochs"] == 1
+    assert report["validation"] == "held-out generated scenes" and report["val_data"].startswith("generated scenes")
     for name in ("curves.png", "confusion.png", "topdown.png", "checkpoint.pt", "best.pt"):
         assert (out / name).stat().st_size > 0, name
     assert "mIoU" in capsys.readouterr().out
@@ -318,17 +319,28 @@ def test_validating_on_the_training_clouds_is_noted_as_it_is(tmp_path, capsys):
     for name in "ab":
         np.savez(tmp_path / f"{name}.npz", xyz=rng.uniform(0, 8, (300, 3)).astype(np.float32),
                  labels=rng.integers(0, 3, 300))
-    train, val, _ = tr.open_training_data(_parse(["--data", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
-                                                  "--out", "x"]))
+    args = _parse(["--data", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", "x"])
+    train, val, _ = tr.open_training_data(args)
     err = capsys.readouterr().err
     assert val is train and "one training cloud" not in err
+    # (and its report says so: metrics.json's val_data said "held out" of every run without --val-data)
+    assert tr.validation_record(args, train, val, None) == {"validation": "the training clouds (not held out)",
+                                                           "val_data": "the --data clouds"}
     assert ("note: --val-fraction 0.2 of the 2 --data clouds holds out none (it rounds to 0) and no --val-data: "
             "validating on the training clouds (the validation mIoU is not held out)") in err, err
     tr.open_training_data(_parse(["--data", str(tmp_path / "a.npz"), "--out", "x"]))
     assert "note: one --data cloud and no --val-data: validating on the training cloud" in capsys.readouterr().err
-    train, val, _ = tr.open_training_data(_parse(["--data", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
-                                                  "--val-fraction", "0.5", "--out", "x"]))
+    args = _parse(["--data", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--val-fraction", "0.5", "--out", "x"])
+    train, val, _ = tr.open_training_data(args)
     assert len(train) == len(val) == 1 and "validating on the training" not in capsys.readouterr().err
+    assert tr.validation_record(args, train, val, None) == {"validation": "held out of --data (--val-fraction)",
+                                                           "val_data": [str(tmp_path / "b.npz")]}
+    args = _parse(["--data", "generated", "--val-scenes", "3", "--out", "x"])
+    assert tr.validation_record(args, None, None, None) == {
+        "validation": "held-out generated scenes",
+        "val_data": f"generated scenes of seeds {tr.VALIDATION_SEED}..{tr.VALIDATION_SEED + 2}"}
+    args = _parse(["--data", str(tmp_path / "a.npz"), "--val-data", str(tmp_path / "b.npz"), "--out", "x"])
+    assert tr.validation_record(args, None, None, ["B"]) == {"validation": "--val-data", "val_data": ["B"]}
 
 
 @pytest.mark.parametrize("files, fraction", [(2, "0.75"), (3, "0.9")])

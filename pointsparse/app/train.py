@@ -523,6 +523,24 @@ def open_training_data(args, dist: Dist | None = None):
     return train, val, list(classes)
 
 
+def validation_record(args, train, val, val_data) -> dict:
+    """The report's words on what the validation scored (``validation``)
+    and its clouds (``val_data``): ``val_data`` (``--val-data``'s absolute
+    paths), the files held out of ``--data`` (their paths), the generated
+    held-out scenes (their seeds), or the training clouds themselves. It
+    said "held out" for all but the first, the training clouds too."""
+    if args.val_data is not None:
+        return {"validation": "--val-data", "val_data": val_data}
+    if is_generated(args.data):
+        last = VALIDATION_SEED + args.val_scenes - 1
+        return {"validation": "held-out generated scenes",
+                "val_data": f"generated scenes of seeds {VALIDATION_SEED}..{last}"}
+    if val is train:
+        return {"validation": "the training clouds (not held out)", "val_data": "the --data clouds"}
+    return {"validation": "held out of --data (--val-fraction)",
+            "val_data": [os.path.abspath(p) for p in val.paths]}
+
+
 def _check_default_maps(train: CloudFiles, val: CloudFiles) -> None:
     """ValueError where the validation clouds' formats take another default
     label map than the training clouds' (no --label-map, no
@@ -1485,7 +1503,8 @@ class TrainingJob:
                  "scans_per_step": args.batch_size,
                  "step_time_per_scan_s": statistics.median(times) / args.batch_size if times else None,
                  "processes": self.dist.world, "threads_per_process": torch.get_num_threads(),
-                 "device": str(self.dist.device), "data": saved["data"], "val_data": saved["val_data"] or "held out",
+                 "device": str(self.dist.device), "data": saved["data"],
+                 **validation_record(args, self.train_src, self.val_src, saved["val_data"]),
                  "config": self.config, "checkpoint": os.path.abspath(self.out / CHECKPOINT), "best_miou": self.best,
                  "stopped_by_time_limit": bool(stop and epoch + 1 < self.plan["epochs"])}
         self.report = write_report(self.out, cm, self.classes, first, self.history, extra, args.ignore_index)
