@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	  (apt-get update -qq && apt-get install -y -qq libusb-1.0-0) >/dev/null 2>&1 || echo "libusb-1.0-0 not installed: open3d readers will be skipped"; fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q numpy pytest pytest-xdist pybind11 scikit-build-core cmake ninja tqdm matplotlib
-	-$(PY) -m pip install -q open3d-cpu laspy scikit-learn 2>/dev/null || echo "optional open3d-cpu/laspy/scikit-learn not installed: PLY/PCD and LAS readers and the digits pruning experiments will be skipped"
+	$(PY) -m pip install -q numpy pytest pytest-xdist pybind11 scikit-build-core cmake ninja tqdm matplotlib scikit-learn
+	-$(PY) -m pip install -q open3d-cpu laspy 2>/dev/null || echo "optional open3d-cpu/laspy not installed: PLY/PCD and LAS readers will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)

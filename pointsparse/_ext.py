@@ -12,13 +12,36 @@ import numpy as np
 import torch
 from torch.autograd import forward_ad
 
+def _not_built() -> str:
+    """The message of a pointsparse without its core: in a source checkout
+    (beside its pyproject.toml), that this folder's package shadows one
+    ``pip install .`` installed (``python -m pointsparse`` from the
+    repository's root said "run make build, or pip install ." to a user who
+    had installed it), naming the installed one where there is one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return ("pointsparse's C++ core (pointsparse._core) is not built: run `make build` in the repository, or "
+                "`pip install .`")
+    import sys  # noqa: PLC0415 - only on this path
+
+    installed = []
+    for folder in sys.path:
+        other = os.path.join(os.path.abspath(folder or os.curdir), "pointsparse")
+        if other != here and os.path.isdir(other) and any(
+                name.startswith("_core") and name.endswith((".so", ".pyd")) for name in os.listdir(other)):
+            installed.append(other)
+    also = (f"; the one installed at {installed[0]} runs from any other folder (this checkout's package comes "
+            "first on the path here)") if installed else (
+        ", or `pip install .` and run from another folder (this checkout's package comes first on the path here)")
+    return (f"pointsparse's C++ core (pointsparse._core) is not built in the source checkout {root}: run `make "
+            f"build` there{also}")
+
+
 try:
     from . import _core
 except ImportError as exc:  # pragma: no cover - only without a build
-    raise ImportError(
-        "pointsparse's C++ core (pointsparse._core) is not built: run `make build` in the "
-        "repository, or `pip install .`"
-    ) from exc
+    raise ImportError(_not_built()) from exc
 
 core = _core
 

@@ -106,6 +106,34 @@ def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
     assert "-march=native" not in ninja
 
 
+def test_a_checkout_without_its_core_names_the_installed_package(tmp_path):
+    """``python -m pointsparse`` from a source checkout's root after ``pip
+    install .`` imports the checkout's package (first on the path), which has
+    no core: the error said "run make build, or pip install ." to a user who
+    had. It now names the checkout, the build there, and the installed
+    package (here the repository's own, built, standing in for one in
+    site-packages) that runs from other folders."""
+    import shutil
+
+    checkout = tmp_path / "src"
+    shutil.copytree(ROOT / "pointsparse", checkout / "pointsparse", ignore=shutil.ignore_patterns("_core*", "__pycache__"))
+    env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{ROOT}"}
+
+    def message() -> str:
+        done = subprocess.run([sys.executable, "-c", "import pointsparse"], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+        assert done.returncode != 0
+        return done.stderr.strip().splitlines()[-1]
+
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'pointsparse'\n")
+    said = message()
+    assert f"is not built in the source checkout {checkout}: run `make build` there; the one installed at " \
+           f"{ROOT / 'pointsparse'} runs from any other folder" in said, said
+    (checkout / "pyproject.toml").unlink()  # (a package folder, no checkout)
+    said = message()
+    assert "is not built: run `make build` in the repository, or `pip install .`" in said, said
+
+
 def test_core_is_the_only_extension_and_private():
     so = list((ROOT / "pointsparse").glob("_core*.so"))
     assert so, "build the core first (make build)"
