@@ -226,6 +226,15 @@ def test_train_run_as_a_module_refuses_an_empty_path_too(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_version_flag_prints_the_packages_version(capsys):
+    """``pointsparse --version`` was an unrecognised argument."""
+    import pointsparse
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"pointsparse {pointsparse.__version__}"
+
+
 def test_console_script_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["pointsparse"].partition(":")

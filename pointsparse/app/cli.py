@@ -101,6 +101,10 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
                "application is pointsparse.app; the library (pointsparse.tensor, voxelize, kmap, nn, models, data, "
                "prune, formats, ops, export, checkpoint) never imports it.",
     )
+    from .. import __version__  # noqa: PLC0415 - the package is imported by then (this module is in it)
+
+    parser.add_argument("--version", action="version", version=f"pointsparse {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=CommandParser)
     for name, module_name, help_text in COMMANDS:
         if commands is not None and name not in commands:
