@@ -3,6 +3,8 @@ re-measurement, the loop meets its budget on the table and shrinks the net."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -187,10 +189,13 @@ def test_a_model_pruned_with_torch_is_copied(with_table):
     x = torch.randn(64, 8)
     table = netadapt.build_latency_table(net, x, num_candidates=4, repeats=1) if with_table else None
     torch.nn.utils.prune.l1_unstructured(net[0], "weight", 0.3)
+    lines = []
     res = netadapt.netadapt(net, table, lambda m, s: None, lambda m: 1.0, x, budget=0.9, short_steps=0,
-                            long_steps=0, max_iterations=1)
+                            long_steps=0, max_iterations=1, log=lines.append)
     assert res.model is not net and res.model(x).shape == (64, 3)
     assert net[0].weight.shape == (16, 8) and hasattr(net[0], "weight_mask")
+    # (the layer named as a name: "iteration 0: 2 -> 8 channels" read as a channel count cut from 2 to 8)
+    assert any(re.match(r"iteration 0: layer '\d+' cut to \d+ channels, metric", line) for line in lines), lines
 
 
 def test_a_nan_metric_is_never_the_best_proposal():

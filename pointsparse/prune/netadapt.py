@@ -285,7 +285,9 @@ def _record(history: list, log, it: int, name: str, channels: int, metric: float
     history.append({"iteration": it, "layer": name, "channels": channels, "metric": metric,
                     "estimated_latency": latency, "proposals": proposals})
     if log is not None:
-        log(f"iteration {it}: {name} -> {channels} channels, metric {metric:.4f}, {how} {latency * 1e3:.2f} ms")
+        # (the layer by its quoted name: a Sequential's "6" read as a channel count, "6 -> 8 channels")
+        log(f"iteration {it}: layer {name!r} cut to {channels} channels, metric {metric:.4f}, {how} "
+            f"{latency * 1e3:.2f} ms")
 
 
 def _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps, ft_lr,
