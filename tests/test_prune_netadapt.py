@@ -189,13 +189,18 @@ def test_a_model_pruned_with_torch_is_copied(with_table):
     x = torch.randn(64, 8)
     table = netadapt.build_latency_table(net, x, num_candidates=4, repeats=1) if with_table else None
     torch.nn.utils.prune.l1_unstructured(net[0], "weight", 0.3)
-    lines = []
     res = netadapt.netadapt(net, table, lambda m, s: None, lambda m: 1.0, x, budget=0.9, short_steps=0,
-                            long_steps=0, max_iterations=1, log=lines.append)
+                            long_steps=0, max_iterations=1)
     assert res.model is not net and res.model(x).shape == (64, 3)
     assert net[0].weight.shape == (16, 8) and hasattr(net[0], "weight_mask")
-    # (the layer named as a name: "iteration 0: 2 -> 8 channels" read as a channel count cut from 2 to 8)
-    assert any(re.match(r"iteration 0: layer '\d+' cut to \d+ channels, metric", line) for line in lines), lines
+
+
+def test_an_iterations_log_line_names_the_layer_as_a_name():
+    """'iteration 0: 6 -> 8 channels' (a Sequential's layer "6") read as a
+    channel count cut from 6 to 8."""
+    lines, history = [], []
+    netadapt._record(history, lines.append, 0, "6", 8, 0.5, 0.00125, 3, "estimate")
+    assert re.match(r"iteration 0: layer '6' cut to 8 channels, metric 0.5000, estimate 1.25 ms", lines[0]), lines
 
 
 def test_a_nan_metric_is_never_the_best_proposal():
