@@ -263,3 +263,38 @@ def _training_format(state: dict, paths: list, default) -> bool:
         return default() == run != default_label_map(val)
     except (ValueError, OSError):  # (files of mixed formats, or validation files gone: the documented order)
         return False
+
+
+#: The optional point features a cloud may hold (:func:`pointsparse.data.transforms.point_features`: 0 where a
+#: cloud holds none).
+OPTIONAL_FEATURES = ("intensity", "rgb")
+
+
+def held_features(samples) -> list[str]:
+    """The optional features (:data:`OPTIONAL_FEATURES`) that any of
+    ``samples`` holds: what a run's training clouds gave its model, which
+    train records in the checkpoint's config (``point_features``)."""
+    return [f for f in OPTIONAL_FEATURES if any(getattr(s, f) is not None for s in samples)]
+
+
+class MissingFeatures:
+    """The clouds that lack a feature the model was trained with (the
+    config's ``point_features``; none recorded: nothing is noted): their
+    feature is 0, as for a model trained without it, and the predictions may
+    be the worse (an xyz-only ``.npy`` given to a model trained on
+    intensity ran without a word). :meth:`note` prints one line on stderr."""
+
+    def __init__(self, config: dict) -> None:
+        self.trained = [f for f in config.get("point_features") or () if f in OPTIONAL_FEATURES]
+        self.lacking: dict[str, list[str]] = {}
+
+    def check(self, sample) -> None:
+        for feature in self.trained:
+            if getattr(sample, feature) is None:
+                self.lacking.setdefault(feature, []).append(str(sample.name))
+
+    def note(self, total: int) -> None:
+        for feature, names in self.lacking.items():
+            shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+            print(f"note: {len(names)} of the {total} clouds hold no {feature} ({shown}), which the model's training "
+                  f"clouds held: it is 0 for their points, and their predictions may be the worse", file=sys.stderr)

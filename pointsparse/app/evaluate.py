@@ -23,7 +23,7 @@ from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset
 from ..data.datasets import is_generated
 from ..models import model_from_state
 from . import metrics
-from .clouds import files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
+from .clouds import MissingFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import pick_device
 from .scoring import EVAL_PREFIX, _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
@@ -176,6 +176,11 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
     if model is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
                                 args)
+    if not is_generated(spec):  # (the clouds are read by now: require_labels)
+        missing = MissingFeatures(config)
+        for sample in source:
+            missing.check(sample)
+        missing.note(len(source))
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     with loaded_frozen():

@@ -36,7 +36,7 @@ from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
-from .clouds import nonfinite_hold, refuse_file_flags, skips_nonfinite
+from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
 from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files,
@@ -1130,7 +1130,11 @@ class TrainingJob:
         if state is None:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
                            "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
-                           "model": args.model, "training": {name: getattr(args, name) for name in RUN_SETTINGS}}
+                           "model": args.model, "training": {name: getattr(args, name) for name in RUN_SETTINGS},
+                           # (the optional features its clouds held: predict and eval note clouds that lack one)
+                           "point_features": held_features(
+                               # (a generated source's scenes all hold the same; read, files are kept already)
+                               [self.train_src[0]] if is_generated(args.data) else self.train_src)}
         if not is_generated(args.data):
             # The label map the clouds were read through, their formats' default included (recorded as given,
             # a file as its absolute path; None: the raw labels are the classes): eval and prune of another
