@@ -28,8 +28,11 @@ def _not_built() -> str:
     installed = []
     for folder in sys.path:
         other = os.path.join(os.path.abspath(folder or os.curdir), "pointsparse")
-        if other != here and os.path.isdir(other) and any(
-                name.startswith("_core") and name.endswith((".so", ".pyd")) for name in os.listdir(other)):
+        try:  # (a folder this process may not list: the message is still the checkout's)
+            names = os.listdir(other) if other != here and os.path.isdir(other) else []
+        except OSError:
+            names = []
+        if any(name.startswith("_core") and name.endswith((".so", ".pyd")) for name in names):
             installed.append(other)
     also = (f"; the one installed at {installed[0]} runs from any other folder (this checkout's package comes "
             "first on the path here)") if installed else (

@@ -415,12 +415,12 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     from . import __version__
 
     # torch's reader logs a traceback at WARNING for a file it cannot read and raises "check the warnings
-    # above": the records are kept here, not printed, and their cause named in the error
+    # above": the records are kept here, not printed, and their cause named in the error. A filter of the
+    # logger's, added and removed: nothing of the logger's own is swapped and put back, which two loads in two
+    # threads undid in each other's order (the logger kept one's stand-in handler for good).
     quiet = logging.getLogger("torch.export")
     kept = _KeptRecords()
-    level, handlers, propagate = quiet.level, quiet.handlers, quiet.propagate
-    quiet.handlers, quiet.propagate = [kept], False
-    quiet.setLevel(logging.WARNING)
+    quiet.addFilter(kept)
     try:
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
         meta = json.loads(extra[META_FILE] or "{}")
@@ -436,22 +436,24 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
                          f"written by another version of pointsparse or torch than these ({__version__} and "
                          f"{torch.__version__}) ({cause})") from error
     finally:
-        quiet.handlers, quiet.propagate = handlers, propagate
-        quiet.setLevel(level)
+        quiet.removeFilter(kept)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its {META_FILE} holds {type(meta).__name__}, not the meta dict save writes")
     return program, meta
 
 
-class _KeptRecords(logging.Handler):
-    """The log records of a failed read, kept (:func:`load`)."""
+class _KeptRecords(logging.Filter):
+    """The log records of a read (:func:`load`), kept and not printed (the
+    logger's records meanwhile: another thread's too, as the level that
+    silenced the reader before did)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__()
         self.records: list = []
 
-    def emit(self, record) -> None:
+    def filter(self, record) -> bool:
         self.records.append(record)
+        return False
 
     def cause(self) -> str | None:
         """The first line of the innermost error a kept record carries

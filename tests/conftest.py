@@ -40,9 +40,11 @@ def pytest_configure(config):
     set to the worker's share of the processors, and ``OMP_NUM_THREADS`` to
     the same for the processes its tests start (a train, a CLI call). Two
     workers of two threads each on two cores spin in each other's parallel
-    regions: the suite took 518 s so and 457 s at one thread a worker
-    (AMD EPYC Zen 5, bench/RESULTS.md stop 73), the kernel-heavy files
-    2-3x faster. Tests of thread counts set their own (1 and 2)."""
+    regions: the suite took 518 s so and 428-434 s with this (457 s with
+    OMP_NUM_THREADS=1; AMD EPYC Zen 5, bench/RESULTS.md stop 73), the
+    kernel-heavy files 2-3x faster. Tests of thread counts set their own (1 and 2; the
+    ``two_threads`` fixture), and the fuzzer's ``threads`` family runs the
+    public entry points at both."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -58,6 +60,18 @@ def datasets_dir() -> Path:
     if path is None:
         pytest.skip("real datasets folder (../shared/datasets) not present")
     return path
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads (the engine's too; fewer where the core runs fewer)
+    for a test of the threaded paths, whatever the worker's count
+    (:func:`pytest_configure` gives each of make test's workers one here);
+    the previous count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -1659,6 +1659,38 @@ def test_load_names_a_program_cut_short_or_of_another_version(tmp_path, caplog):
     assert export.load(rewritten("same.pt2", lambda b: b))[1] == {"classes": ["a", "b", "c"]}
 
 
+
+def test_loads_in_two_threads_leave_torchs_logger_as_it_was(tmp_path, monkeypatch):
+    """load first kept torch.export's log quiet by swapping the logger's handlers and level and putting them
+    back: two loads in two threads put back each other's stand-ins, and the logger kept a handler that
+    swallowed every later torch.export warning. It now adds and removes a filter of its own."""
+    import logging
+    import threading
+    import time
+
+    x = export.example_input(4, 0.4)
+    torch.manual_seed(0)
+    path = tmp_path / "p.pt2"
+    export.save(export.export_model(torch.nn.Sequential(spnn.Conv3d(4, 3, 3)).eval(), x), path, {})
+    logger = logging.getLogger("torch.export")
+    before = (logger.level, list(logger.handlers), logger.propagate, list(logger.filters))
+    real = torch.export.load
+
+    def slow(*args, **kwargs):  # (the first load's read ends while the second's runs)
+        out = real(*args, **kwargs)
+        time.sleep(0.3 if threading.current_thread().name == "first" else 0.6)
+        return out
+
+    monkeypatch.setattr(torch.export, "load", slow)
+    threads = [threading.Thread(target=export.load, args=(path,), name=name) for name in ("first", "second")]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert (logger.level, list(logger.handlers), logger.propagate, list(logger.filters)) == before
+
+
 def test_load_refuses_a_damaged_program(tmp_path):
     """A byte flipped inside any member of a saved program (a weight, the
     graph, the meta) raises a ValueError naming the file and that member:

@@ -324,6 +324,7 @@ def test_build_maps_checks_its_arguments(monkeypatch):
         spnn.build_maps(ps.SparseTensor(x.feats, x.coords), schedule, workers=2)
 
 
+@pytest.mark.usefixtures("two_threads")  # (make test's workers run one thread each: the threaded branch)
 def test_build_maps_chooses_its_workers_by_the_input_size(monkeypatch):
     """workers=None: in order in the calling thread below PARALLEL_MIN_ROWS
     input rows, the core's thread count of workers from there on."""
@@ -370,8 +371,10 @@ def test_build_maps_keeps_worker_threads_of_its_largest_count_only():
     assert ours() <= max(counts)
 
 
+@pytest.mark.usefixtures("two_threads")  # (outside 1, a leak of threads_here(1) would go unseen)
 def test_threads_here_is_per_thread():
     outside = _ext.num_threads()
+    assert outside > 1 or _ext.max_threads() == 1
     seen = []
     with _ext.threads_here(1):
         assert _ext.num_threads() == 1
