@@ -336,8 +336,11 @@ def _run(args) -> int:
         print(f"start: the trained weights of {args.checkpoint}"
               + (", not a fresh initialisation" if args.procedure in ("init", "rigl", "lottery") else ""))
     if args.procedure not in ("init", "rigl", "lottery"):
+        if task.trained_model is not None:  # (the baseline below is the checkpoint trained further: both said)
+            print(f"the checkpoint's {task.metric} on the task's validation cloud: {task.eval_fn(model):.4f}")
         task.train_fn(model, steps)
-        print(f"dense {task.metric}: {task.eval_fn(model):.4f}")
+        print(f"dense {task.metric} after {steps} training steps{' more' if task.trained_model else ''} (the "
+              f"procedure's baseline): {task.eval_fn(model):.4f}")
     return RUN[args.procedure](args, task, model, steps) or 0
 
 
