@@ -32,6 +32,20 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
     assert (tmp_path / ("sensitivity.png" if procedure == "sensitivity" else "amc_ratios.json")).exists()
 
 
+def test_channel_sensitivity_leaves_the_output_layer_out(tmp_path, capsys):
+    """``prune sensitivity --granularity channel`` (the README's command) scanned the digits CNN's last Linear
+    too, and recommended cutting 30% of its outputs: the digit classes. The output layer is left out, and said so;
+    the rows' ratios are named above them."""
+    pytest.importorskip("sklearn")
+    assert cli.main(["prune", "sensitivity", "--granularity", "channel", "--model", "cnn", "--quick", "--out",
+                     str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "the output layer '13' is left out: its output channels are the model's classes" in out, out
+    assert "   layer: accuracy with that share of its output channels pruned, at 0 0.3 0.6 0.9" in out, out
+    rows = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ") and "layer:" not in line]
+    assert rows == ["1", "4", "8"], out
+
+
 @pytest.mark.parametrize("flag,value", [("--finetune-lr-factor", "nan"), ("--finetune-lr-factor", "1e308"),
                                         ("--finetune-lr-factor", "1.5"), ("--threshold", "nan"), ("--sparsity", "1.5"),
                                         ("--sparsity", "inf"), ("--flops", "0"), ("--latency", "-1"),

@@ -214,7 +214,10 @@ def test_sensitivity_scans_an_spvcnn_checkpoint(spvcnn_run, tmp_path, capsys, gr
     assert "the checkpoint's mIoU on the task's validation cloud: " in text, text
     dense = float(text.split("more (the procedure's baseline): ")[1].split()[0])
     curves = {line.split(":")[0].strip(): [float(v) for v in line.split(":")[1].split()]
-              for line in text.splitlines() if line.startswith("  ") and ":" in line}
+              for line in text.splitlines() if line.startswith("  ") and ":" in line and "layer:" not in line}
+    assert "with that share of its" in text  # (the columns' ratios named: the rows had no header)
+    if granularity == "channel":  # (the classifier's output channels are the classes: never scanned)
+        assert "the output layer 'classifier' is left out" in text and "classifier" not in curves, text
     assert any(name.startswith("point_mlps.") for name in curves) and any(name.startswith("unet.") for name in curves)
     assert all(abs(vals[0] - dense) <= 5.1e-4 for vals in curves.values()), text  # (printed: 4 and 3 decimals)
     assert (out / "sensitivity.png").exists()

@@ -32,10 +32,12 @@ def trained(task: Task, seed: int = 0, steps: int | None = None) -> nn.Module:
 
 
 def sensitivity(task: Task, model: nn.Module, granularity: str = "unstructured", threshold: float = 0.02,
-                ratios=_sensitivity.DEFAULT_RATIOS, metric: str | None = None, plot=None):
-    """Scan every layer's metric against its pruned ratio; (scan, the ratios
-    within ``threshold`` of the baseline, the plot's path or None)."""
-    res = _sensitivity.sensitivity_scan(model, task.eval_fn, ratios, granularity, metric=metric or task.metric)
+                ratios=_sensitivity.DEFAULT_RATIOS, metric: str | None = None, plot=None, layers=None):
+    """Scan every layer's metric (``layers``: those named) against its pruned
+    ratio; (scan, the ratios within ``threshold`` of the baseline, the plot's
+    path or None)."""
+    res = _sensitivity.sensitivity_scan(model, task.eval_fn, ratios, granularity, layers,
+                                        metric=metric or task.metric)
     chosen = _sensitivity.choose_ratios(res, threshold)
     return res, chosen, _sensitivity.plot_sensitivity(res, plot, threshold) if plot is not None else None
 

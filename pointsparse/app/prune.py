@@ -345,9 +345,19 @@ def _run(args) -> int:
 
 
 def _sensitivity(args, task, model, steps) -> None:
+    from ..prune.adapters import prunable_layers
+
     ratios = (0.0, 0.3, 0.6, 0.9) if args.quick else DEFAULT_RATIOS
+    layers = None
+    if args.granularity == "channel":  # (the tasks' models end in their output layer: its channels are the classes)
+        names = [name for name, _ in prunable_layers(model)]
+        layers = names[:-1]
+        print(f"the output layer {names[-1]!r} is left out: its output channels are the model's classes")
     res, chosen, plot = procedures.sensitivity(task, model, args.granularity, args.threshold, ratios,
-                                               plot=args.out / "sensitivity.png")
+                                               plot=args.out / "sensitivity.png", layers=layers)
+    print(f"  {'layer':>6}: {task.metric} with that share of its "
+          f"{'output channels' if args.granularity == 'channel' else 'weights'} pruned, at "
+          + " ".join(f"{r:g}" for r in ratios))
     for name, vals in res.curves.items():
         print(f"  {name:>6}: " + " ".join(f"{v:.3f}" for v in vals))
     print(f"ratios under a drop of {args.threshold}: {chosen}")
