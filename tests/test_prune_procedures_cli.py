@@ -366,7 +366,10 @@ def test_netadapt_that_misses_its_budget_says_so_and_exits_1(on_checkpoint, tmp_
 
     real = netadapt.netadapt
 
+    asked = []
+
     def stopped_short(*args, **kwargs):  # one iteration towards an unreachable target: a missed budget
+        asked.append(kwargs.get("max_iterations"))
         return real(*args, **{**kwargs, "budget_seconds": 1e-12, "max_iterations": 1})
 
     monkeypatch.setattr(netadapt, "netadapt", stopped_short)
@@ -395,6 +398,8 @@ def test_netadapt_that_misses_its_budget_says_so_and_exits_1(on_checkpoint, tmp_
     assert err.startswith("pointsparse prune: error: --latency 1 not met: NetAdapt could not meet the latency "
                           "budget: "), err
     assert "max_iterations=1 reached" in err and "Traceback" not in err, err
+    # --quick bounds the search too (a checkpoint's toward an unreachable --latency ran all 50 iterations)
+    assert asked == [prune.QUICK_ITERATIONS] and prune.QUICK_ITERATIONS < 50
     assert "\nchannels {" in printed, printed
     if on_checkpoint:
         assert len(saved) == 1 and f"pruned checkpoint: {out / 'checkpoint.pt'}" in printed, printed

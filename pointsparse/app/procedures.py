@@ -112,16 +112,18 @@ def latency_table(model: nn.Module, example_input, candidates: int = 8, repeats:
 
 def netadapt(task: Task, model: nn.Module, example_input, budget: float, short_steps: int, long_steps: int,
              candidates: int | None = 8, repeats: int = 7, table_path=None, log: Callable | None = None,
-             table=None):
+             table=None, max_iterations: int = 50):
     """NetAdapt to ``budget`` of the latency, on a latency table of
     ``candidates`` widths per layer (None: latencies measured directly, every
-    coupled group) or on ``table``, one :func:`latency_table` built already;
-    (result, table, seconds to build the table: 0 for one given)."""
+    coupled group) or on ``table``, one :func:`latency_table` built already,
+    in at most ``max_iterations`` iterations; (result, table, seconds to
+    build the table: 0 for one given)."""
     seconds = 0.0
     if table is None and candidates is not None:
         table, seconds = latency_table(model, example_input, candidates, repeats)
     if table is not None and table_path is not None:
         table.save(table_path)
     res = _netadapt.netadapt(model, table, task.train_fn, task.eval_fn, example_input, budget,
-                             short_steps=short_steps, long_steps=long_steps, lr=task.lr, log=log)
+                             short_steps=short_steps, long_steps=long_steps, lr=task.lr, log=log,
+                             max_iterations=max_iterations)
     return res, table, seconds

@@ -216,8 +216,9 @@ def writes_out(args) -> bool:
     procedure on a --checkpoint does (the others then save the masked model)."""
     return args.procedure in WRITES_OUT or getattr(args, "checkpoint", None) is not None
 
-#: What ``--quick`` runs in place of a flag's value.
-QUICK_EPISODES, QUICK_ROUNDS = 30, 3
+#: What ``--quick`` runs in place of a flag's value; and NetAdapt's iterations at most under it (50 else: a
+#: checkpoint's search toward a --latency it cannot reach ran all 50, ten seconds each on 2 cores).
+QUICK_EPISODES, QUICK_ROUNDS, QUICK_ITERATIONS = 30, 3, 8
 
 
 def _given(args, *names: str) -> list[str]:
@@ -536,7 +537,8 @@ def _netadapt(args, task, model, steps) -> int:
         warnings.filterwarnings("ignore", message=_UNMET, category=RuntimeWarning)
         res, table, _ = procedures.netadapt(task, model, task.example_input, _latency(args), max(5, steps // 20),
                                             steps // 2, _netadapt_widths(args), 3 if args.quick else 7, table_path,
-                                            log=lambda s: print("  " + s), table=args.latency_table)
+                                            log=lambda s: print("  " + s), table=args.latency_table,
+                                            max_iterations=QUICK_ITERATIONS if args.quick else 50)
     print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
           f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
           f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
