@@ -68,10 +68,7 @@ def two_threads():
     for a test of the threaded paths, whatever the worker's count
     (:func:`pytest_configure` gives each of make test's workers one here);
     the previous count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    yield from _torch_threads(2)
 
 
 @pytest.fixture
@@ -79,7 +76,15 @@ def one_thread():
     """One torch thread for tiny models (they run fastest and steadiest so on a
     2-core machine); the previous count is restored afterwards. Test modules
     opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    yield from _torch_threads(1)
+
+
+def _torch_threads(count: int):
+    """The body of the thread fixtures: torch's threads set to ``count``
+    while the test runs, the previous count restored after it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
