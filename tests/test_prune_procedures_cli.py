@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import warnings
 
@@ -30,6 +31,15 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
     if procedure == "amc":  # (10 warm-up episodes; the agent trains once it holds 64 transitions, 3 an episode)
         assert "\n  8 of the 30 episodes acted by the trained agent\n" in out, out
     assert (tmp_path / ("sensitivity.png" if procedure == "sensitivity" else "amc_ratios.json")).exists()
+    if procedure == "sensitivity":  # (the scan as printed, for a user's own tables)
+        scan = json.loads((tmp_path / "sensitivity.json").read_text())
+        assert scan["ratios"] == [0.0, 0.3, 0.6, 0.9] and scan["metric"] == "accuracy", scan
+        rows = {line.split(":")[0].strip(): line.split(":")[1].split() for line in out.splitlines()
+                if line.startswith("  ") and "layer:" not in line and ":" in line}
+        assert set(scan["curves"]) == set(rows), (scan, rows)
+        for name, values in scan["curves"].items():
+            assert [f"{v:.3f}" for v in values] == rows[name]
+        assert f"ratios under a drop of 0.02: {scan['chosen']}" in out
 
 
 def test_channel_sensitivity_leaves_the_output_layer_out(tmp_path, capsys):

@@ -14,7 +14,8 @@ an SPVCNN's scored on its points). Each run starts from the task's model
 rigl start too, while the lottery's random re-init control is a fresh model
 of its widths), trains it first (but lottery, init and rigl, which train it
 themselves), then runs the procedure and prints what it found; ``--quick``
-shortens everything.
+shortens everything. sensitivity writes its plot and its scan as JSON
+(``--out/sensitivity.png``, ``--out/sensitivity.json``) on any task.
 
 On a ``--checkpoint`` every procedure but sensitivity writes the model it
 pruned as ``--out/checkpoint.pt`` (:func:`.channels.save_pruned`: the run's
@@ -363,6 +364,23 @@ def _sensitivity(args, task, model, steps) -> None:
         print(f"  {name:>6}: " + " ".join(f"{v:.3f}" for v in vals))
     print(f"ratios under a drop of {args.threshold}: {chosen}")
     print(f"plot: {plot}")
+    print(f"scan: {_write_scan(args.out / 'sensitivity.json', res, args.threshold, chosen)}")
+
+
+def _write_scan(path, res, threshold: float, chosen: dict):
+    """``path``: the scan as JSON (the metric, the baseline, the ratios, each
+    layer's curve and weight count, the threshold and the ratios it chose),
+    for a user's own tables and plots; a non-finite score is written as
+    null (JSON has no NaN)."""
+    def number(v):
+        return float(v) if math.isfinite(v) else None
+
+    record = {"metric": res.metric, "granularity": res.granularity, "baseline": number(res.baseline),
+              "ratios": [float(r) for r in res.ratios],
+              "curves": {name: [number(v) for v in vals] for name, vals in res.curves.items()},
+              "sizes": dict(res.sizes), "threshold": float(threshold), "chosen": dict(chosen)}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 def _schedule(args, task, model, steps) -> None:
