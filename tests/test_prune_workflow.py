@@ -475,6 +475,21 @@ def test_prune_vectors_refuses_panels_wider_than_every_conv(tmp_path, capsys):
     masks = [v for k, v in checkpoint.load(tmp_path / "two" / "checkpoint.pt")["model"].items()
              if k.endswith("weight_mask")]
     assert masks and all(torch.equal(m.amax(-1), m.amin(-1)) for m in masks if m.shape[2] <= 32)
+    # blocks of 2 panels (of 16 float32 columns) do not divide a conv of 3 or 5 panels: each row's last block is
+    # narrower there and counts as one block, so the share kept differs; the print names such convs and their share
+    capsys.readouterr()
+    torch.save({"model": MinkUNet(7, 3, cr=0.375, blocks=1).state_dict(), "config": {**config, "cr": 0.375}}, ckpt)
+    assert cli.main(["prune", "vectors", "--checkpoint", str(ckpt), "--panels", "2", "--sparsity", "0.75",
+                     "--out", str(tmp_path / "three")]) == 0
+    out = capsys.readouterr().out
+    state = checkpoint.load(tmp_path / "three" / "checkpoint.pt")["model"]
+    ragged = [(k.removesuffix(".weight_mask"), -(-m.shape[2] // 16)) for k, m in state.items()
+              if k.endswith("weight_mask") and -(-m.shape[2] // 16) % 2 and m.shape[2] > 32]
+    assert ragged, "the model has no conv of an odd number of panels"
+    note = re.search(r"note: --panels 2 does not divide the output panels of (\d+) of its convs \((.*)\)", out)
+    assert note and int(note.group(1)) == len(ragged), out
+    name, count = ragged[0]
+    assert note.group(2).startswith(f"'{name}' ({count} panel{'' if count == 1 else 's'}, "), out
 
 
 def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):
@@ -628,7 +643,8 @@ def test_prune_offsets_and_vectors_count_a_kernel_region_conv_inside_its_region(
                             lambda state, path: built.append(region_chain(0, outside)) or built[-1])
         _, kept, total = channels._prune_offsets(tmp_path / "in.pt", tmp_path / "out", 3 / 7)
         assert (kept, total) == ((7 - 3) + (27 - 12), 7 + 27)  # round(3/7 * 7) and round(3/7 * 27) pruned
-        _, kept, total = channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
+        _, kept, total, ragged = channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
+        assert ragged == []  # (blocks of one panel divide every conv's panels)
         region = list(built[-1][0].kernel_region)
         masks = [built[-1][0].weight_mask[region], built[-1][2].weight_mask]
         assert (kept, total) == (sum(int(m.count_nonzero()) for m in masks), 7 * 3 * 6 + 27 * 6 * 4)
@@ -649,7 +665,7 @@ def test_prune_vectors_leaves_a_single_offset_kernel_region_conv_alone(tmp_path,
     torch.manual_seed(0)
     net = nn.Sequential(Conv3d(3, 16, 3), ReLU(), Conv3d(16, 16, 3, kernel_region=[13]), ReLU(), Conv3d(16, 4, 1))
     monkeypatch.setattr(evaluate, "checkpoint_model", lambda state, path: net)
-    _, kept, total = channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
+    _, kept, total, _ = channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
     assert hasattr(net[0], "weight_mask") and not hasattr(net[2], "weight_mask") and not hasattr(net[4], "weight_mask")
     assert total == 27 * 3 * 16 and kept == int(net[0].weight_mask.count_nonzero())
     monkeypatch.setattr(evaluate, "checkpoint_model", lambda state, path: nn.Sequential(

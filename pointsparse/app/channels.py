@@ -210,8 +210,12 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, row
 
 
 def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = None,
-                   panels: int = 1) -> tuple[Path, int, int]:
-    """:func:`prune_vectors_checkpoint`, and the weights its masks keep and cover."""
+                   panels: int = 1) -> tuple[Path, int, int, list]:
+    """:func:`prune_vectors_checkpoint`, the weights its masks keep and
+    cover, and its ragged convs: ``(name, output panels, kept share)`` of
+    each conv of more output panels than ``panels`` that ``panels`` does
+    not divide (each row's last block is narrower there and counts as one
+    block, so the share kept differs from ``1 - amount``)."""
     from .evaluate import checkpoint_model
     from ..nn import Conv3d
     from ..prune import adapters, panel_structured
@@ -233,7 +237,16 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
             raise ValueError(f"amount (--sparsity) {amount:g} prunes every engine vector of conv "
                              f"{names[module]!r}: it would give zeros; give a smaller one")
     masks = [_weights_of(m, m.weight_mask) for m in convs]
-    return save_pruned(state, model, out), sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks)
+    ragged = [(names[m], _panels_of(m), int(mask.count_nonzero()) / mask.numel()) for m, mask in zip(convs, masks)
+              if _panels_of(m) > panels and _panels_of(m) % panels]
+    return (save_pruned(state, model, out), sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks),
+            ragged)
+
+
+def _panels_of(conv) -> int:
+    """Output panels (``nn.functional.panel_width`` columns each) of ``conv``."""
+    from ..nn.functional import panel_width
+    return -(-conv.weight.shape[2] // panel_width(conv.weight.dtype))
 
 
 def _check_panels(panels: int, convs, model) -> None:
@@ -243,11 +256,8 @@ def _check_panels(panels: int, convs, model) -> None:
     one masks no differently, and a huge one overflowed the block ids)."""
     from ..nn.functional import panel_width
 
-    def count(m) -> int:
-        return -(-m.weight.shape[2] // panel_width(m.weight.dtype))
-
-    widest = max(convs, key=count)
-    most = count(widest)
+    widest = max(convs, key=_panels_of)
+    most = _panels_of(widest)
     if panels > most:
         name = next(n for n, m in model.named_modules() if m is widest)
         raise ValueError(f"panels (--panels: adjacent panels per block) {panels}: blocks wider than every conv of "
@@ -502,10 +512,16 @@ def vectors_main(args) -> int:
     amount = 0.75 if args.sparsity is None else args.sparsity
     if args.square and args.pairs:
         raise ValueError("--square and --pairs are two block shapes: give one")
-    path, kept, total = _prune_vectors(args.checkpoint, args.out, amount, args.square, 2 if args.pairs else None,
-                                       args.panels)
+    path, kept, total, ragged = _prune_vectors(args.checkpoint, args.out, amount, args.square,
+                                               2 if args.pairs else None, args.panels)
     print(f"pruned checkpoint {path}: engine vectors masked, {kept} of the {total} weights of its convs with more "
           f"than one offset kept ({kept / total:.2f})")
+    if ragged:
+        shown = ", ".join(f"{name!r} ({count} panel{'' if count == 1 else 's'}, {share:.2f} kept)" for name, count, share in ragged[:3])
+        print(f"note: --panels {args.panels} does not divide the output panels of {len(ragged)} of its "
+              f"{'conv' if len(ragged) == 1 else 'convs'} ({shown}{', ...' if len(ragged) > 3 else ''}): "
+              f"each row's last block is narrower there and counts as one block, so the share kept differs from "
+              f"1 - --sparsity")
     if args.finetune_epochs > 0:
         finetune(path, args.finetune_epochs)
     return 0
