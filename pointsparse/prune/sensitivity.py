@@ -102,6 +102,11 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     member); ``layers`` then names the groups to scan (a group's name or any
     layer producing its channels).
 
+    Without ``layers`` every prunable layer is scanned, the model's output
+    layer too: with ``"channel"`` its output channels are the classes, so
+    name the others in ``layers`` (as ``pointsparse prune sensitivity
+    --granularity channel`` does; Torch-Pruning's ``ignored_layers``).
+
     The unpruned model's metric (the baseline) must be finite, else a
     ValueError naming ``eval_fn``; a pruned model's NaN or infinite metric is
     recorded as it is (and :func:`choose_ratios` never chooses that ratio)."""
