@@ -59,13 +59,16 @@ def atomic_write(path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (a name unique
     to this process and call; ``path``'s name, cut where the two would pass
     a file name's 255 bytes), flush it to disk, then rename it over ``path``:
-    an interrupt or a concurrent writer never leaves a torn file."""
+    an interrupt or a concurrent writer never leaves a torn file. The
+    temporary files of earlier writes of ``path`` that a killed process
+    left (:func:`_remove_left_temporaries`) are removed first."""
     path = Path(path)
     suffix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     name = path.name  # (cut where the temporary name would pass the 255 bytes a file name may have)
     while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_BYTES:
         name = name[:-1]
     tmp = path.with_name(f".{name}{suffix}")
+    _remove_left_temporaries(tmp.parent, name)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -75,6 +78,47 @@ def atomic_write(path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: Seconds since its last write after which a dead process's temporary file is taken as left (a live writer on
+#: another machine of a shared folder writes on; its process id means nothing here).
+_LEFT_AFTER_S = 60.0
+
+
+def _remove_left_temporaries(folder: Path, name: str) -> None:
+    """Remove the temporary files of :func:`atomic_write` for the file
+    ``name`` in ``folder`` whose process is gone from this machine and that
+    nothing wrote for :data:`_LEFT_AFTER_S`: a write killed by SIGKILL (a
+    ``--nproc`` worker torch's spawn ended) runs no clean-up, and its file,
+    as large as a checkpoint, stayed beside the run for good."""
+    import glob
+    import time
+
+    try:
+        found = list(folder.glob(f".{glob.escape(name)}.tmp-*-*"))
+    except OSError:
+        return
+    for tmp in found:
+        pid = tmp.name[len(name) + 6:].partition("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if time.time() - tmp.stat().st_mtime > _LEFT_AFTER_S:
+                tmp.unlink()
+        except OSError:  # (gone meanwhile, or not ours to remove: left)
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user's
+    counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def _loads(payload: bytes) -> bool:

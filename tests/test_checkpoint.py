@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,28 @@ def test_atomic_write_uses_a_private_temp_name(tmp_path, monkeypatch):
     checkpoint.save(tmp_path / "a.pt", {"x": 2})
     assert len(set(seen)) == 2 and all(str(os.getpid()) in name for name in seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A write killed by SIGKILL (a --nproc worker that torch's spawn ended mid-checkpoint) runs no clean-up: its
+    temporary file, as large as a checkpoint, stayed beside the run after any later save. The next write of the
+    same file removes those of dead processes not written for a minute; a live process's (a writer now), a
+    fresh one's and another file's stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, timeout=60)
+    pid = int(dead.stdout)
+    old = time.time() - 120
+    left = tmp_path / f".checkpoint.pt.tmp-{pid}-0a1b2c3d"
+    fresh = tmp_path / f".checkpoint.pt.tmp-{pid}-99999999"
+    live = tmp_path / f".checkpoint.pt.tmp-{os.getpid()}-0a1b2c3d"
+    other = tmp_path / f".best.pt.tmp-{pid}-0a1b2c3d"
+    for path in (left, fresh, live, other):
+        path.write_bytes(b"x" * 100)
+        if path is not fresh:
+            os.utime(path, (old, old))
+    checkpoint.save(tmp_path / "checkpoint.pt", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["checkpoint.pt", fresh.name, live.name, other.name])
 
 
 def test_second_run_on_the_same_out_is_refused(tmp_path):
