@@ -1590,6 +1590,9 @@ def test_torchrun_processes_are_the_ones_counted(tmp_path, monkeypatch):
     ({"WORLD_SIZE": "2", "RANK": "-1"}, r"RANK .* must be an int >= 0; got '-1'"),
     ({"LOCAL_RANK": "x"}, r"LOCAL_RANK .* must be an int >= 0; got 'x'"),
     ({"LOCAL_WORLD_SIZE": "0"}, r"LOCAL_WORLD_SIZE .* must be an int >= 1; got '0'"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "abc"}, r"MASTER_PORT .* must be a port number, 1 to 65535; "
+                                                            "got 'abc'"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "70000"}, r"MASTER_PORT .* got '70000'"),
 ])
 def test_a_launch_environment_that_does_not_add_up_is_refused(env, message, tmp_path, monkeypatch):
     """RANK, WORLD_SIZE and the local ones (torchrun's, or a launcher's) were
@@ -1615,6 +1618,29 @@ def test_a_launch_environment_that_does_not_add_up_is_refused(env, message, tmp_
     with pytest.raises(ValueError, match=message):
         distributed.init_distributed(_parse([*TINY, "--out", str(out)]))
     assert not out.exists()
+
+
+def test_a_process_waiting_for_the_others_says_so(tmp_path, monkeypatch, capsys, one_thread):
+    """A process of a group whose others never come (WORLD_SIZE=2 and one process started, or a MASTER_ADDR no
+    process listens at) waited out torch's 30 minutes saying nothing. After WAIT_NOTE_S it says what it waits for
+    and what to check; a group formed sooner says nothing."""
+    from pointsparse.app import distributed
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "WAIT_NOTE_S", 0.05)
+    for wait, said in ((0.5, True), (0.0, False)):
+        monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, wait=wait, **k: time.sleep(wait))
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+        distributed.init_distributed(_parse([*TINY, "--threads", "1", "--out", str(tmp_path / "run")]))
+        time.sleep(0.1)
+        err = capsys.readouterr().err
+        assert ("process 1 of 2: still waiting for the others at 10.9.9.9:29555 after 0.05 s (torch gives up after "
+                "30 minutes): check that every process started, with the same WORLD_SIZE, MASTER_ADDR and "
+                "MASTER_PORT" in err) == said, err
+
 
 class _Stop(Exception):
     pass

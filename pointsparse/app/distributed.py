@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,8 @@ def launch_environment() -> tuple[int, int, int, int]:
     ``--nproc``'s workers); unset: ``(0, 1, RANK, 1)``. ValueError naming
     the variable where one is no int of its range, or where RANK is no rank
     of the WORLD_SIZE processes (a RANK left over beside no WORLD_SIZE made
-    a lone process rank 2 of 1: it trained and wrote nothing)."""
+    a lone process rank 2 of 1: it trained and wrote nothing), or where a
+    world of several has a MASTER_PORT that is no port."""
     def read(name: str, default: int, least: int) -> int:
         text = os.environ.get(name)
         if text is None:
@@ -97,7 +99,28 @@ def launch_environment() -> tuple[int, int, int, int]:
         raise ValueError(f"RANK {rank} is no rank of the {world} process(es) WORLD_SIZE counts (0 to {world - 1}"
                          f"{unset}): the launcher's environment does not add up; unset RANK and LOCAL_RANK for a "
                          "run of one process, or start the processes with torchrun (or --nproc)")
+    if world > 1:
+        _check_port()
     return rank, world, read("LOCAL_RANK", rank, 0), read("LOCAL_WORLD_SIZE", 1, 1)
+
+
+#: Seconds a process waits for the others to join its group before it says so.
+WAIT_NOTE_S = 30.0
+
+
+def _check_port() -> None:
+    """ValueError naming MASTER_PORT where it is set and no port number
+    (torch's own message named no variable: "invalid literal for int()")."""
+    text = os.environ.get("MASTER_PORT")
+    if text is None:
+        return
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port is None or not 1 <= port <= 65535:
+        raise ValueError(f"MASTER_PORT (the launcher's environment variable) must be a port number, 1 to 65535; "
+                         f"got {text!r:.100}")
 
 
 def init_distributed(args) -> Dist:
@@ -113,7 +136,19 @@ def init_distributed(args) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+        # (a process missing from the group, or an address no process listens at, waits out torch's 30 minutes
+        # silently: said after a while, with what to check)
+        note = threading.Timer(WAIT_NOTE_S, lambda: print(
+            f"process {rank} of {world}: still waiting for the others at {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')} after {WAIT_NOTE_S:g} s (torch gives up after 30 minutes): check "
+            "that every process started, with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT",
+            file=sys.stderr, flush=True))
+        note.daemon = True
+        note.start()
+        try:
+            torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+        finally:
+            note.cancel()
     threads = args.threads or max(1, torch.get_num_threads() // max(world, 1))
     torch.set_num_threads(threads)
     return Dist(rank, world, device)
