@@ -716,11 +716,53 @@ def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tm
         "epoch-negative": (dict(state, epoch=-1), "epoch"),
         "rng-none": (dict(state, torch_rng=None), "torch_rng"),
         "rng-short": (dict(state, torch_rng=torch.zeros(3, dtype=torch.uint8)), "torch_rng"),
+        "ranks-str": (dict(state, torch_rng_ranks="x"), "torch_rng_ranks"),
+        "ranks-one": (dict(state, torch_rng_ranks=[state["torch_rng"]]), "torch_rng_ranks"),
+        "ranks-short": (dict(state, torch_rng_ranks=[state["torch_rng"], torch.zeros(3, dtype=torch.uint8)]),
+                        "torch_rng_ranks"),
         "best-str": (dict(state, best_miou="x"), "best_miou"),
         "wall-str": (dict(state, wall_time_s="x"), "wall_time_s"),
         "wall-negative": (dict(state, wall_time_s=-1.0), "wall_time_s"),
     }
     _resume_refuses(tmp_path, {name: (bad, f"its {entry} ") for name, (bad, entry) in cases.items()})
+
+
+def test_resume_sets_each_process_its_own_generator(one_thread):
+    """--resume of a run of several processes sets each its rank's generator (a checkpoint kept rank 0's, which
+    every process took); a checkpoint of another process count: rank 0 takes the run's, the others a stream of
+    the seed, their rank and the epoch (not one another's), and rank 0 says that the run goes on not bit for
+    bit."""
+    from types import SimpleNamespace
+
+    from pointsparse.app.distributed import Dist
+
+    states = []
+    for seed in (5, 6, 7):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    said = []
+
+    def job(rank: int, world: int):
+        return SimpleNamespace(dist=Dist(rank, world, torch.device("cpu")), args=SimpleNamespace(seed=3),
+                               resume_path="run/checkpoint.pt", log=said.append)
+
+    state = {"torch_rng": states[0], "torch_rng_ranks": states[:2], "epoch": 4}
+    for rank in (0, 1):
+        tr.TrainingJob._restore_rng(job(rank, 2), state)
+        assert torch.equal(torch.get_rng_state(), states[rank])
+    assert not said
+    drawn = []
+    for rank in (0, 1, 2):  # (a run of two resumed as three)
+        tr.TrainingJob._restore_rng(job(rank, 3), state)
+        drawn.append(torch.get_rng_state())
+    assert torch.equal(drawn[0], states[0]) and not torch.equal(drawn[1], drawn[2])
+    torch.manual_seed(tr.rank_seed(3, 2, 4))
+    assert torch.equal(drawn[2], torch.get_rng_state())
+    assert said == ["--resume run/checkpoint.pt: the run ran 2 process(es), this one 3: the other processes' random "
+                    "streams (SPVCNN's dropout) start anew, so the run goes on as close as it can, not bit for bit"]
+    single = {"torch_rng": states[2], "epoch": 1}
+    tr.TrainingJob._restore_rng(job(0, 1), single)
+    assert torch.equal(torch.get_rng_state(), states[2]) and len(said) == 1
 
 
 def test_resume_of_a_history_without_val_epoch_draws_its_curves(tmp_path):
@@ -1042,6 +1084,31 @@ def test_a_workers_value_error_is_the_commands(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=peer):
         tr.require_labels(open_source([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")], None, 255), "--val-data",
                           Dist(0, 2))
+
+
+def test_a_killed_worker_ends_the_command_in_one_line(tmp_path, monkeypatch, capsys):
+    """A --nproc worker killed (SIGKILL, the OOM killer) ended the command with torch's ProcessExitedException
+    traceback, exit status 1. It is one line naming the process and the signal (or exit status), and --resume
+    where the run has a checkpoint; POINTSPARSE_TRACEBACK=1 gives the traceback."""
+    import torch.multiprocessing as mp
+
+    def spawn(*args, **kwargs):
+        raise mp.ProcessExitedException("process 1 terminated with signal SIGKILL", error_index=1, error_pid=4321,
+                                        exit_code=-9, signal_name="SIGKILL")
+
+    monkeypatch.setattr(mp, "spawn", spawn)
+    monkeypatch.delenv("POINTSPARSE_TRACEBACK", raising=False)
+    out = tmp_path / "run"
+    assert tr.main(_parse([*TINY, "--nproc", "2", "--out", str(out)])) == 1
+    assert capsys.readouterr().err == ("pointsparse train: error: process 1 of the 2 (pid 4321) ended by signal "
+                                       "SIGKILL; torch stopped the others\n")
+    (out / "checkpoint.pt").write_bytes(b"")  # (a run with a checkpoint: --resume named)
+    assert cli.main(["train", *TINY, "--nproc", "2", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.endswith("torch stopped the others (train --resume continues from its last "
+                                            "checkpoint)\n")
+    monkeypatch.setenv("POINTSPARSE_TRACEBACK", "1")
+    with pytest.raises(mp.ProcessExitedException):
+        tr.main(_parse([*TINY, "--nproc", "2", "--out", str(out)]))
 
 
 def test_nproc_resume_checks_the_runs_settings_before_the_workers_start(tmp_path, monkeypatch):

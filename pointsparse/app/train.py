@@ -35,7 +35,7 @@ from ..models import SyncBatchNorm, build_model, model_from_state
 from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
-from .cli import CommandParser, given_flags
+from .cli import TRACEBACK_ENV, CommandParser, given_flags
 from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
@@ -696,6 +696,7 @@ def check_run_state(state: dict, path) -> None:
     groups with their params, lr and weight decay), ``scheduler`` (the run's
     LambdaLR state_dict), ``history`` (lists of numbers), ``epoch`` (an int
     >= 0), ``torch_rng`` (torch's CPU generator state) and, where present,
+    ``torch_rng_ranks`` (a run of several processes: each one's state) and
     ``best_miou`` (a number). A hand-edited file, or another tool's with
     these keys, failed deep inside: a KeyError, an IndexError, torch's RNG
     size, a comparison of a str epoch."""
@@ -748,6 +749,16 @@ def check_run_state(state: dict, path) -> None:
         bad("torch_rng", f"torch's CPU generator state (torch.get_rng_state(): {own.dtype} of shape "
             f"{tuple(own.shape)})",
             kind(rng) if not isinstance(rng, torch.Tensor) else f"{rng.dtype} of shape {tuple(rng.shape)}")
+    def generator(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == own.dtype and value.shape == own.shape
+
+    ranks = state.get("torch_rng_ranks")
+    if ranks is not None and not (isinstance(ranks, list) and len(ranks) > 1 and all(map(generator, ranks))):
+        odd = next((r for r in ranks if not generator(r)), None) if isinstance(ranks, list) else None
+        bad("torch_rng_ranks", f"a list of the run's processes' torch generator states (each {own.dtype} of shape "
+            f"{tuple(own.shape)})", kind(ranks) if not isinstance(ranks, list) else f"a list of {len(ranks)}" + (
+                "" if odd is None else f" holding {kind(odd) if not isinstance(odd, torch.Tensor) else odd.dtype}"
+                f"{'' if not isinstance(odd, torch.Tensor) else f' of shape {tuple(odd.shape)}'}"))
     if "best_miou" in state and not number(state["best_miou"]):
         bad("best_miou", "the run's best validation mIoU (a number)", kind(state["best_miou"]))
     if "wall_time_s" in state and not (number(state["wall_time_s"]) and 0 <= state["wall_time_s"] < math.inf):
@@ -960,6 +971,16 @@ def _marked_held(out):
             os.environ[_LOCK_HELD] = before
 
 
+def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The torch seed of process ``rank`` (> 0) of a run seeded ``seed``
+    (``epoch``: the epoch a resume of another process count starts at):
+    each process draws its own dropout masks (all drew the same ones from
+    the one seed), while rank 0 goes on with the seed's stream, as one
+    process does."""
+    words = [seed % 2**32, seed // 2**32 % 2**32, rank, epoch]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def saved_args(args) -> dict:
     """A run's arguments as its checkpoints keep them: the files of --data
     and --val-data (and label maps, --init given as files) as absolute
@@ -996,12 +1017,13 @@ def _train(args):
 
 def _spawn_worker(rank: int, world: int, port: int, args) -> None:
     worker_environment(rank, world, port)
-    args.nproc = 1
+    args.nproc, args._workers = 1, world  # (one process here; its checkpoints record the run's --nproc)
     try:
         with _out_lock(args):
             _, model = _train(args)
         if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
             torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
+            torch.save(torch.get_rng_state(), Path(args.rank_weights) / f"rank{rank}-rng.pt")
         destroy(barrier=True)
     finally:
         destroy()
@@ -1202,6 +1224,8 @@ class TrainingJob:
                                                            shuffle=True, seed=args.seed)
         self.local_batch = args.batch_size // dist.world
         self.steps_per_epoch = math.ceil(len(self.sampler) / self.local_batch)
+        if dist.rank > 0:  # (the model drew the same weights everywhere; a rank's dropout draws its own masks)
+            torch.manual_seed(rank_seed(args.seed, dist.rank))
         self.plan = {"epochs": args.epochs}
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             args.schedule, s, self.steps_per_epoch * self.plan["epochs"], args.warmup))
@@ -1223,8 +1247,27 @@ class TrainingJob:
         self._find_best(state)
         # (a checkpoint written before it kept its wall time: the step times of its epochs, the least it took)
         self.wall_before = float(state.get("wall_time_s", sum(self.history["step_time"])))
-        torch.set_rng_state(state["torch_rng"])
+        self._restore_rng(state)
         self._follow_plan()
+
+    def _restore_rng(self, state: dict) -> None:
+        """This process's torch generator as the run left it: its rank's
+        state where the checkpoint holds one per rank of as many processes
+        (``torch_rng_ranks``), else the first process's (``torch_rng``) on
+        rank 0 and on the others a stream of the seed, the rank and the
+        epoch resumed (a run of another process count: not bit for bit)."""
+        ranks, dist = state.get("torch_rng_ranks"), self.dist
+        if isinstance(ranks, list) and len(ranks) == dist.world:
+            torch.set_rng_state(ranks[dist.rank])
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if dist.rank > 0:
+            torch.manual_seed(rank_seed(self.args.seed, dist.rank, state["epoch"]))
+        written = len(ranks) if isinstance(ranks, list) else 1
+        if dist.world > 1 and dist.main:
+            self.log(f"--resume {self.resume_path}: the run ran {written} process(es), this one {dist.world}: the "
+                     "other processes' random streams (SPVCNN's dropout) start anew, so the run goes on as close "
+                     "as it can, not bit for bit")
 
     def _find_best(self, state: dict) -> None:
         """The resumed run's best epoch. In its own folder: the best.pt there
@@ -1339,7 +1382,9 @@ class TrainingJob:
     def loss(self, net, batch: Batch) -> tuple[torch.Tensor, float]:
         """Cross-entropy summed over every process's voxels / their global
         (weighted) count: the same loss (and, with DDP's averaging, gradient)
-        as one process on the whole batch. Also its value, for the log."""
+        as one process on the whole batch (torch's DistributedSampler pads an
+        epoch whose scenes the processes do not divide with its first ones, so
+        the last batch differs there). Also its value, for the log."""
         ignore = self.args.ignore_index
         # (the rate this step runs at, for the log: log_step comes after the scheduler's step)
         self.step_lr = self.optimizer.param_groups[0]["lr"]
@@ -1390,8 +1435,12 @@ class TrainingJob:
         if validate:
             cm, first = evaluate(self.model, self.val_samples(), len(self.classes), self.args.ignore_index,
                                  self.dist.device, progress=self.progress, all_reduce=self.dist.active)
+        ranks = None
+        if self.dist.active:  # (every rank's generator, for a resume to go on with each: SPVCNN's dropout)
+            ranks = [None] * self.dist.world
+            torch.distributed.all_gather_object(ranks, torch.get_rng_state())
         if self.dist.main:
-            self._checkpoint(epoch, losses, cm)
+            self._checkpoint(epoch, losses, cm, ranks)
             if last:
                 self._report(epoch, cm, first, stop)
         if self.dist.active:
@@ -1428,8 +1477,10 @@ class TrainingJob:
         time than training time)."""
         return self.wall_before + time.perf_counter() - self.t_start
 
-    def _checkpoint(self, epoch: int, losses: list, cm) -> None:
-        """Log the epoch, write ``checkpoint.pt`` (and ``best.pt`` on a better mIoU)."""
+    def _checkpoint(self, epoch: int, losses: list, cm, ranks: list | None = None) -> None:
+        """Log the epoch, write ``checkpoint.pt`` (and ``best.pt`` on a better
+        mIoU); ``ranks``: every process's generator state, in rank order
+        (kept as ``torch_rng_ranks``), where the run has several."""
         history = self.history
         summary = (f"epoch {epoch + 1}/{self.plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, "
                    f"{np.median(history['step_time'][-len(losses):]):.2f} s/step, "
@@ -1447,7 +1498,9 @@ class TrainingJob:
                  "best_miou": max(self.best, miou) if cm is not None else self.best,
                  "planned_epochs": self.plan["epochs"], "wall_time_s": self.wall_time(),
                  "val_paths": [os.path.abspath(p) for p in getattr(self.val_src, "paths", [])],
-                 "args": saved_args(self.args)}
+                 "args": {**saved_args(self.args), "nproc": getattr(self.args, "_workers", self.args.nproc)}}
+        if ranks is not None:
+            state["torch_rng_ranks"] = ranks
         if self.replaces_previous:
             self._replace_previous()
         self._remove_eval_of(CHECKPOINT)
@@ -1534,6 +1587,15 @@ def main(args) -> int:
                     pass
             except mp.ProcessRaisedException as error:
                 raise _worker_value_error(error) or error
+            except mp.ProcessExitedException as error:  # (killed, or ended without an exception: a line, as Ctrl-C)
+                if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                    raise
+                how = f"signal {error.signal_name}" if error.signal_name else f"exit status {error.exit_code}"
+                again = (" (train --resume continues from its last checkpoint)"
+                         if (Path(args.out) / CHECKPOINT).is_file() else "")
+                print(f"pointsparse train: error: process {error.error_index} of the {args.nproc} (pid "
+                      f"{error.error_pid}) ended by {how}; torch stopped the others{again}", file=sys.stderr)
+                return 1
             except KeyboardInterrupt:  # (a SIGINT to this process alone: its workers, left, trained on while it
                 if context is not None:  # waited for them at exit)
                     _stop_workers(context.processes)
