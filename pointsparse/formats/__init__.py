@@ -61,7 +61,8 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     * ``torch.nn.Linear`` -> :class:`SparseLinear` (weight (out, in)). It
       runs either torch's dense linear on the weight the format holds (the
       Linear's own computation) or the format's product; with
-      ``example_input`` both are timed and the faster kept, else the dense
+      ``example_input`` both are timed and the faster kept (the format where
+      it is clearly faster: :func:`_choose`), else the dense
       one (every format's product measured slower than torch's Linear on
       this kind of CPU, even at 50% sparsity: bench/RESULTS.md).
     * ``pointsparse.nn.Conv3d`` -> :class:`SparseConv3d`: per kernel offset
@@ -71,7 +72,8 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
       skips all-zero offsets and runs the vector-sparse kernels when the
       weight allows: never slower than the dense module); with
       ``example_input`` (the layer's input, or for a model the model's
-      input) both are timed on it and the faster kept, else the engine (every
+      input) both are timed on it and the faster kept (the format where it
+      is clearly faster: :func:`_choose`), else the engine (every
       format measured slower than the engine on this kind of CPU:
       bench/RESULTS.md). ``chosen`` on the result records the choice and
       the times.
@@ -290,35 +292,57 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
     return _choose(sparse, example_input, ("engine", "format"))
 
 
+#: The clock of :func:`_interleaved_times`.
+_clock = time.perf_counter
+
+#: Interleaved timed calls of each execution in :func:`_choose` (after a warm-up call each).
+CHOICE_ROUNDS = 7
+
+#: The time another execution must beat the dense module's computation by (its median at most this share of
+#: the dense median) to be chosen: a layer near parity keeps the dense computation, which a noisy machine
+#: could otherwise rank below a slower format (3 calls each, one after the other, once kept a CSR product
+#: 0.82x as fast as torch's Linear).
+CHOICE_MARGIN = 0.95
+
+
 def _choose(sparse, example_input, executions):
     """``sparse`` (a SparseConv3d / SparseLinear) set to the faster of its
     ``executions`` on ``example_input`` (``chosen`` records the times), or
-    to the first, the dense module's own computation, without one."""
+    to the first, the dense module's own computation, without one. Timed in
+    :data:`CHOICE_ROUNDS` interleaved rounds (a machine's slow phase falls
+    on every execution alike), medians compared; the first is kept unless
+    another's median is at most :data:`CHOICE_MARGIN` of its own."""
     if example_input is None:
         sparse.execution = executions[0]
         sparse.chosen = f"{executions[0]} (not measured)"
         return sparse
-    times = {}
-    for execution in executions:
-        sparse.execution = execution
-        with _example_named(f"the layer ({type(sparse).__name__})"):
-            times[execution] = _median_time(sparse, example_input)
-    sparse.execution = min(times, key=times.get)
+    with _example_named(f"the layer ({type(sparse).__name__})"):
+        times = _interleaved_times(sparse, example_input, executions)
+    first = executions[0]
+    best = min(times, key=times.get)
+    sparse.execution = best if times[best] <= CHOICE_MARGIN * times[first] else first
     sparse.chosen = f"{sparse.execution} (" + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items()) + ")"
     return sparse
 
 
-def _median_time(module, example_input, repeats: int = 3) -> float:
-    """Median wall time of ``module(example_input)`` without gradients, after
-    one warm-up call (which builds the kernel map)."""
+def _interleaved_times(module, example_input, executions, rounds: int | None = None) -> dict:
+    """Median wall time of ``module(example_input)`` without gradients under
+    each of ``executions`` (``module.execution`` set to each in turn, one
+    call per round, ``rounds`` rounds, default :data:`CHOICE_ROUNDS`),
+    after one warm-up call of each (which builds the kernel map)."""
+    rounds = CHOICE_ROUNDS if rounds is None else rounds
+    times = {execution: [] for execution in executions}
     with torch.no_grad():
-        module(example_input)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for execution in executions:
+            module.execution = execution
             module(example_input)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for _ in range(rounds):
+            for execution in executions:
+                module.execution = execution
+                start = _clock()
+                module(example_input)
+                times[execution].append(_clock() - start)
+    return {execution: statistics.median(t) for execution, t in times.items()}
 
 
 @contextlib.contextmanager
