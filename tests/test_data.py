@@ -2518,6 +2518,55 @@ def test_voxelize_sample_of_a_huge_or_tiny_voxel(monkeypatch):
             voxelize_sample(cloud, size, 255)
 
 
+def test_voxelize_sample_names_the_cloud_whose_extent_does_not_fit_and_says_an_outlier_can_cause_it():
+    """One point of a tile at 1e30 m (a corrupt record) stretches the cloud's
+    extent past int32 voxels at 0.5 m: the refusal named neither the cloud
+    (eval and train of several files left the user to find it) nor the
+    cause, and advised a larger voxel_size alone, no cure for one stray
+    point. It names the sample (its file) and says a point far from the
+    others can cause it; check_voxel_extent makes the same check alone."""
+    xyz = np.random.default_rng(0).uniform(0, 50, (100, 3)).astype(np.float32)
+    xyz[7, 0] = 1e30
+    cloud = Sample(xyz, name="tiles/bad.npz")
+    def check_voxel_extent(*args):
+        from pointsparse.data import check_voxel_extent
+
+        return check_voxel_extent(*args)
+
+    for check in (lambda: voxelize_sample(cloud, 0.5, 255), lambda: check_voxel_extent(cloud, 0.5)):
+        with pytest.raises(ValueError, match=r"^tiles/bad\.npz: voxel_size 0\.5 puts the cloud's extent of "
+                                             r"\[1\.00.*e\+30, .* must fit int32 \(use a larger voxel_size, or look "
+                                             r"for a point far from the others: a corrupt or outlier point"):
+            check()
+    check_voxel_extent(Sample(xyz[xyz[:, 0] < 100], name="tiles/good.npz"), 0.5)  # (fits: nothing said)
+
+
+def test_voxel_dataset_says_when_an_extent_refused_is_the_augmented_one():
+    """A training VoxelDataset refused a cloud with the extent of its points
+    after augmentation (rotated, scaled), which matches nothing in the file.
+    The file's own extent is checked first (named as the file holds it);
+    one that fits only unturned is refused saying the extent is the
+    augmented one."""
+    outlier = np.random.default_rng(0).uniform(0, 50, (50, 3)).astype(np.float32)
+    outlier[3, 0] = 1e30
+    with pytest.raises(ValueError, match=r"^far\.npz: voxel_size 0\.5 puts the cloud's extent of \[") as refused:
+        VoxelDataset([Sample(outlier, name="far.npz")], 0.5, train=True)[0]
+    assert "augmentation" not in str(refused.value)
+    # 2e9 m along x, 3 m up at 1 m voxels: 31 + 2 bits as stored; turned near 45 degrees, x and y take 31 bits
+    # each, past a key's 63 bits with z's
+    long = Sample(np.array([[0, 0, 0], [2e9, 0, 3]], np.float32), name="long.npz")
+    assert len(VoxelDataset([long], 1.0)[0].input) == 2
+    ds, said = VoxelDataset([long], 1.0, train=True), []
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        try:
+            ds[0]
+        except ValueError as error:
+            said.append(str(error))
+    assert said and all(m.startswith("long.npz: voxel_size 1.0 is too small for the cloud's extent after this "
+                                     "run's augmentation (a random rotation about z") for m in said), said[:1]
+
+
 def test_voxelize_sample_of_a_cloud_whose_shifted_extent_passes_float32():
     """Points at -3e38 and 3e38 m (finite float32) with a voxel of 1e30 m:
     shifted to start at voxel 0 they reach 6e38 m, past float32. The shifted

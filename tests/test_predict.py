@@ -1099,3 +1099,28 @@ def test_clouds_lacking_a_feature_the_model_trained_on_are_noted(tmp_path, capsy
     assert cli.main(["predict", "--data", str(bare), "--out", str(tmp_path / "r"), "--checkpoint", str(older),
                      "--no-progress"]) == 0
     assert "hold no" not in capsys.readouterr().err
+
+
+def test_eval_and_train_name_the_cloud_whose_extent_does_not_fit_the_voxel_grid(tmp_path, capsys):
+    """One tile with a corrupt point at 1e30 m among good ones: predict named the file, but eval and train
+    said "voxel_size 0.5 puts the cloud's extent of ..." naming none, and train gave the extent of the
+    points after its augmentation (rotated), which matches nothing in the file. Both name the file now, and
+    train refuses it as it reads its clouds, before "data ready", with the file's own extent."""
+    good = _clouds(tmp_path / "in", 2)
+    scene = generated.outdoor_scene(seed=25, beams=16, azimuth_steps=256)
+    xyz = scene.xyz.copy()
+    xyz[7, 0] = 1e30
+    bad = tmp_path / "in" / "far.npz"
+    np.savez(bad, xyz=xyz, labels=scene.labels, intensity=scene.intensity)
+    said = f"{bad}: voxel_size 0.5 puts the cloud's extent of [1.00"
+    assert cli.main(["eval", "--checkpoint", str(_checkpoint(tmp_path / "m.pt")), "--data", *map(str, good),
+                     str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "a corrupt or outlier point" in err, err
+    for data in (["--data", str(good[0]), str(bad), "--val-data", str(good[1])],
+                 ["--data", *map(str, good), "--val-data", str(bad)]):
+        assert cli.main(["train", *data, "--epochs", "1", "--voxel-size", "0.5", "--cr", "0.25", "--blocks", "1",
+                         "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        out, err = capsys.readouterr()
+        assert said in err and "augmentation" not in err and "data ready" not in out + err, (out, err)
+

@@ -21,6 +21,7 @@ import torch
 from ..checkpoint import DirectoryLock
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset
 from ..data.datasets import is_generated
+from ..data.transforms import check_voxel_extent
 from ..models import model_from_state
 from . import metrics
 from .clouds import MissingFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
@@ -180,6 +181,7 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
         missing = MissingFeatures(config)
         for sample in source:
             missing.check(sample)
+            check_voxel_extent(sample, config["voxel_size"])  # (naming the file before any cloud is scored)
         missing.note(len(source))
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()

@@ -248,10 +248,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                 sample = read_cloud(path, text_map if path.suffix.lower() == ".txt" else None,
                                     labels=False)  # (the file's own labels, where it has any, go unread)
             missing.check(sample)
-            try:
-                v = voxelize_sample(sample, config["voxel_size"], ignore)
-            except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
-                raise ValueError(f"{path}: {error}") from error
+            v = voxelize_sample(sample, config["voxel_size"], ignore)  # (coordinates it cannot hold: named)
             if v.feats.shape[1] != config["in_channels"]:
                 raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "
                                  f"{config['in_channels']}")
