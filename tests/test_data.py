@@ -3163,6 +3163,19 @@ def test_npz_positions_with_more_columns_read_as_a_npy_clouds(tmp_path):
         read_cloud(tmp_path / "both.npz")
 
 
+def test_an_npz_with_two_label_keys_is_refused(tmp_path):
+    """An .npz holding both ``labels`` and ``classification`` (a tile's LAS classes beside labels of one's
+    own) was read through ``labels`` alone, the other dropped without a word: refused naming the file and both
+    keys, as two intensity sources are; read without labels (predict's), it is read."""
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "two.npz", xyz=xyz, labels=np.zeros(len(xyz), np.int64), classification=lab)
+    with pytest.raises(ValueError, match=r"two\.npz: holds labels under the keys 'labels' and 'classification': "
+                                         r"keep one$"):
+        read_cloud(tmp_path / "two.npz")
+    s = read_cloud(tmp_path / "two.npz", labels=False)
+    assert s.labels is None and np.array_equal(s.xyz, xyz)
+
+
 @pytest.mark.parametrize("layout, suffix", [("velodyne", ".bin"), ("points", ".npy")])
 def test_an_empty_velodyne_or_points_folder_is_named(tmp_path, layout, suffix):
     """A sequence folder whose velodyne/ (or an Open3D-ML folder whose points/) holds no scan gave no clouds

@@ -618,7 +618,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
 
     ``.npz``: positions under ``xyz``/``points``, optional ``origin`` (not
     added: positions stay relative to it, which keeps coordinates small),
-    ``intensity``, ``rgb``, labels under ``labels``/``classification``;
+    ``intensity``, ``rgb``, labels under one of ``labels``/``classification``
+    (two label keys are a ValueError: keep one);
     positions of 4, 6 or 7 columns hold intensity and/or colour as a
     ``.npy`` cloud's do (then no ``intensity``/``rgb`` key for them).
     ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
@@ -655,7 +656,11 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                 if held and name in z.files:
                     raise ValueError(f"{path}: key {key!r} holds {column} column and the key {name!r} another: "
                                      "keep one")
-            lab_key = next((k for k in _NPZ_LABELS if k in z.files), None) if labels else None
+            held = [k for k in _NPZ_LABELS if k in z.files] if labels else []
+            if len(held) > 1:  # (the first of them was read, the others dropped without a word)
+                raise ValueError(f"{path}: holds labels under the keys {held[0]!r} and {held[1]!r}"
+                                 f"{f' (and {len(held) - 2} more)' if len(held) > 2 else ''}: keep one")
+            lab_key = held[0] if held else None
             raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
                         [(n,), (n, 1)]) if lab_key else None
             intensity = rgb = None
