@@ -1124,3 +1124,37 @@ def test_eval_and_train_name_the_cloud_whose_extent_does_not_fit_the_voxel_grid(
         out, err = capsys.readouterr()
         assert said in err and "augmentation" not in err and "data ready" not in out + err, (out, err)
 
+
+def test_a_feature_the_training_clouds_lacked_is_0_with_a_note(tmp_path, capsys):
+    """A cloud with colour given to a model whose training clouds held none (its config's ``point_features``:
+    intensity alone) was fed its colour, which the model never saw, without a word. predict and eval set it to
+    0, as in training, and note the cloud and the feature; a checkpoint that records no point_features (an
+    older one) feeds the colour as before."""
+    ckpt = _checkpoint(tmp_path / "older.pt")
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["point_features"] = ["intensity"]
+    torch.save(state, tmp_path / "m.pt")
+    scene = generated.outdoor_scene(seed=22, beams=16, azimuth_steps=256)
+    rgb = np.random.default_rng(0).integers(0, 256, (len(scene.xyz), 3)).astype(np.uint8)
+    colour, plain = tmp_path / "in" / "colour.npz", tmp_path / "plain" / "colour.npz"
+    for path, extra in ((colour, {"rgb": rgb}), (plain, {})):
+        path.parent.mkdir()
+        np.savez(path, xyz=scene.xyz, labels=scene.labels, intensity=scene.intensity, **extra)
+    model = load_model(ckpt).eval()
+    assert not np.array_equal(_expected(model, colour, 0.5), _expected(model, plain, 0.5))  # (colour tells)
+    for name, expected in (("m.pt", plain), ("older.pt", colour)):
+        out = tmp_path / f"p-{name}"
+        assert cli.main(["predict", "--checkpoint", str(tmp_path / name), "--data", str(colour), "--out", str(out),
+                         "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert np.array_equal(np.load(out / "colour.npy"), _expected(model, expected, 0.5))
+        noted = f"note: 1 of the 1 clouds hold rgb ({colour}), which the model's training clouds did not: it is set to 0"
+        assert (noted in err) == (name == "m.pt"), err
+    cms = []
+    for data in (colour, plain):
+        out = tmp_path / f"e-{data.parent.name}"
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--data", str(data), "--out", str(out),
+                         "--no-progress"]) == 0
+        assert ("hold rgb" in capsys.readouterr().err) == (data == colour)
+        cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
+    assert cms[0] == cms[1]
