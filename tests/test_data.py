@@ -2958,6 +2958,28 @@ def test_semantickitti_intensity_outside_0_1_is_refused_naming_the_file(tmp_path
     assert np.array_equal(read_semantickitti(path).intensity, inten)
 
 
+def test_a_bin_file_whose_floats_are_no_positions_is_refused_naming_it(tmp_path):
+    """A text file of 16-byte lines named .bin was read as a scan: 100 points at ~1e27 m, all alike, so
+    their extent was 0 (voxelize counts voxels from the cloud's first and refused nothing) and predict wrote
+    a class per point with exit 0. A coordinate past 1e9 m is refused naming the file; UTM-sized ones read."""
+    path = tmp_path / "junk.bin"
+    path.write_text("hello world!!!!\n" * 100)
+    with pytest.raises(ValueError, match=r"junk\.bin: 100 of 100 points lie past 1e\+09 m from the origin \(first "
+                                         r"\[1\.14.*e\+27, .*not positions in metres: a corrupt file"):
+        read_cloud(path)
+    xyz, _ = _cloud(4)
+    scan = tmp_path / "000000.bin"
+    for far, ok in ((3e9, False), (-1.5e9, False), (6.8e6, True)):
+        points = np.hstack([xyz, np.full((4, 1), 0.5)]).astype(np.float32)
+        points[2, 1] = far
+        points.tofile(scan)
+        if ok:
+            assert read_semantickitti(scan).xyz[2, 1] == np.float32(far)
+        else:
+            with pytest.raises(ValueError, match=r"000000\.bin: 1 of 4 points lie past 1e\+09 m"):
+                read_semantickitti(scan)
+
+
 def test_semantickitti_point_without_a_return_is_a_nonfinite_position(tmp_path):
     """A .bin converted from an organised cloud marks a point without a
     return NaN in all four floats: its NaN remission was refused as an
