@@ -1148,7 +1148,7 @@ def test_a_feature_the_training_clouds_lacked_is_0_with_a_note(tmp_path, capsys)
                          "--no-progress"]) == 0
         err = capsys.readouterr().err
         assert np.array_equal(np.load(out / "colour.npy"), _expected(model, expected, 0.5))
-        noted = f"note: 1 of the 1 clouds hold rgb ({colour}), which the model's training clouds did not: it is set to 0"
+        noted = f"note: 1 of the 1 clouds hold rgb ({colour}), which the model's training clouds did not: it is set"
         assert (noted in err) == (name == "m.pt"), err
     cms = []
     for data in (colour, plain):
@@ -1158,3 +1158,25 @@ def test_a_feature_the_training_clouds_lacked_is_0_with_a_note(tmp_path, capsys)
         assert ("hold rgb" in capsys.readouterr().err) == (data == colour)
         cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
     assert cms[0] == cms[1]
+
+
+def test_float32_positions_whose_step_passes_the_voxel_size_are_warned_of_once_per_file(tmp_path, capsys):
+    """Absolute UTM positions stored as float32 (a step of 0.5 m at 6.8e6 m) merge voxels smaller than that
+    step without a word (positions stored wider get Sample's warning, and the readers' shift). train, eval and
+    predict warn once per file, naming it, the positions' reach, float32's step there and the voxel size; a
+    cloud near the origin is not named."""
+    near = _clouds(tmp_path / "in", 2)
+    scene = generated.outdoor_scene(seed=23, beams=16, azimuth_steps=256)
+    far = tmp_path / "in" / "far.npz"
+    np.savez(far, xyz=(scene.xyz.astype(np.float64) + [2e7, 3e6, 0]).astype(np.float32), labels=scene.labels,
+             intensity=scene.intensity)
+    said = f"warning: {far}: its float32 positions reach 2e+07 m from the origin, where float32's step is 2 m, " \
+           "coarser than the voxel size 0.5 m"
+    ckpt = str(_checkpoint(tmp_path / "m.pt"))
+    for argv in (["predict", "--checkpoint", ckpt, "--out", str(tmp_path / "p"), "--data", *map(str, near), str(far)],
+                 ["eval", "--checkpoint", ckpt, "--data", *map(str, near), str(far)],
+                 ["train", "--data", str(near[0]), str(far), "--val-data", str(near[1]), "--epochs", "1",
+                  "--voxel-size", "0.5", "--cr", "0.25", "--blocks", "1", "--out", str(tmp_path / "run")]):
+        assert cli.main([*argv, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert err.count(said) == 1 and str(near[0]) + ":" not in err, (argv[0], err)

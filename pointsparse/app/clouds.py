@@ -266,6 +266,27 @@ def _training_format(state: dict, paths: list, default) -> bool:
         return False
 
 
+def warn_coarse_positions(sample, voxel_size: float) -> bool:
+    """A warning on stderr, naming the cloud (its file), where its float32
+    positions lie so far from the origin that float32's step there is
+    coarser than ``voxel_size``: their points fall on a grid of that step,
+    several voxels apart, and merge (absolute UTM coordinates stored as
+    float32: 0.5 m apart at 6.8e6 m, against 0.1 m voxels). Positions given
+    wider get ``Sample``'s warning and the readers' shift; float32 ones
+    come as stored, what they lost already lost. Returns whether it warned."""
+    if not len(sample.xyz):
+        return False
+    reach = float(np.abs(sample.xyz).max())
+    step = float(np.spacing(np.float32(reach)))
+    if step <= voxel_size:
+        return False
+    print(f"warning: {sample.name or 'a cloud'}: its float32 positions reach {reach:.4g} m from the origin, where "
+          f"float32's step is {step:g} m, coarser than the voxel size {voxel_size:g} m: its points lie on a grid of "
+          f"{step:g} m and their voxels merge; store positions relative to an origin (e.g. xyz - xyz.min(0), "
+          "taken in float64 before the float32 cast)", file=sys.stderr)
+    return True
+
+
 #: The optional point features a cloud may hold (:func:`pointsparse.data.transforms.point_features`: 0 where a
 #: cloud holds none).
 OPTIONAL_FEATURES = ("intensity", "rgb")

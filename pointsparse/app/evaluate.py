@@ -24,7 +24,8 @@ from ..data.datasets import is_generated
 from ..data.transforms import check_voxel_extent
 from ..models import model_from_state
 from . import metrics
-from .clouds import TrainedFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
+from .clouds import (TrainedFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite,
+                     warn_coarse_positions)
 from .distributed import pick_device
 from .scoring import EVAL_PREFIX, _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
@@ -183,6 +184,7 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
         for sample in source:
             features.check(sample)
             check_voxel_extent(sample, config["voxel_size"])  # (naming the file before any cloud is scored)
+            warn_coarse_positions(sample, config["voxel_size"])
         features.note(len(source))
         samples = [features.fitted(sample) for sample in source]  # (features the model never saw: 0)
     dataset = VoxelDataset(samples, config["voxel_size"], ignore_index)

@@ -226,7 +226,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
     from ..data.transforms import voxelize_sample
-    from .clouds import TrainedFeatures, nonfinite_hold, skips_nonfinite
+    from .clouds import TrainedFeatures, nonfinite_hold, skips_nonfinite, warn_coarse_positions
     from .scoring import loaded_frozen, predict
     from .trainer import have_tqdm, progress_bar
 
@@ -249,6 +249,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                                     labels=False)  # (the file's own labels, where it has any, go unread)
             features.check(sample)
             sample = features.fitted(sample)  # (features the training clouds lacked: 0, as the model saw them)
+            warn_coarse_positions(sample, config["voxel_size"])
             v = voxelize_sample(sample, config["voxel_size"], ignore)  # (coordinates it cannot hold: named)
             if v.feats.shape[1] != config["in_channels"]:
                 raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "

@@ -37,7 +37,7 @@ from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
-from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite
+from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite, warn_coarse_positions
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
 from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files,
@@ -1306,6 +1306,8 @@ class TrainingJob:
         # epoch, the extent named was the augmented one's, not the file's)
         for sample in () if self.report_only else self.train_src:
             check_voxel_extent(sample, voxel)
+            if self.dist.rank == 0:  # (once: every process reads every training cloud)
+                warn_coarse_positions(sample, voxel)
         if not self.report_only and self.dist.rank == 0:
             from .evaluate import warn_mostly_ignored_clouds
 
@@ -1315,6 +1317,7 @@ class TrainingJob:
         try:
             for i in self._val_shard():
                 check_voxel_extent(self.val_src[i], voxel)
+                warn_coarse_positions(self.val_src[i], voxel)
         except ValueError as refused:
             if not self.dist.active:
                 raise
