@@ -2326,6 +2326,31 @@ def test_real_ign_tiles(datasets_dir):
     assert v.coords[:, 1:].min() >= 0
 
 
+def test_ahn3_map_reads_ahn3_codes(tmp_path):
+    """datasets/README.md sent AHN tiles to --label-map ign-lidarhd, which keeps ground (2) alone of AHN3's
+    codes (1 other, 2 ground, 6 building, 9 water, 26 civil structure): 81% of an AHN3 tile was ignored.
+    The ahn3 map keeps each of its codes as a class; any other is ignored."""
+    ahn = load_label_map("ahn3")
+    assert ahn.classes == ["other", "ground", "building", "water", "civil-structure"]
+    assert ahn.apply(np.array([0, 1, 2, 3, 6, 9, 17, 26, 64]), 255).tolist() == [255, 0, 1, 255, 2, 3, 255, 4, 255]
+    codes = np.array([1, 2, 6, 9, 26, 9, 7], np.uint8)
+    np.savez(tmp_path / "ahn.npz", xyz=np.random.default_rng(0).uniform(0, 50, (7, 3)).astype(np.float32),
+             origin=np.array([85000.0, 446000.0, 0.0]), classification=codes,
+             intensity=np.arange(7, dtype=np.uint16) * 100)
+    assert read_cloud(tmp_path / "ahn.npz", "ahn3").labels.tolist() == [0, 1, 2, 3, 4, 3, 255]
+
+
+def test_real_ahn3_tile_is_read_whole_through_the_ahn3_map(datasets_dir):
+    tile = datasets_dir / "ahn3" / "AHN3.npz"
+    if not tile.is_file():
+        pytest.skip("no AHN3 tile")
+    s = read_cloud(tile, "ahn3")
+    assert len(s) == 260_807 and (s.labels != 255).all()  # (its codes 1, 2, 9 and 26: every point a class)
+    assert set(np.unique(s.labels).tolist()) == {0, 1, 3, 4}
+    kept = np.count_nonzero(read_cloud(tile, "ign-lidarhd").labels != 255)
+    assert kept / len(s) < 0.2  # (IGN's map keeps ground alone: why the AHN map)
+
+
 def test_real_las_file(datasets_dir):
     pytest.importorskip("laspy")
     files = sorted((datasets_dir / "ign-lidarhd" / "las").glob("*.las"))

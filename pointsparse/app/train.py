@@ -74,7 +74,7 @@ def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE, run_
     --data and --label-map gives their defaults there, the run's data and label map."""
     clouds = ("point cloud files/folders/globs: SemanticKITTI sequence folders or velodyne/*.bin, .npy/.npz, "
               ".las/.laz, .ply/.pcd, S3DIS .txt or room folders")
-    maps = "semantic-kitti-learning, ign-lidarhd, s3dis, semantic3d"
+    maps = "semantic-kitti-learning, ign-lidarhd, ahn3, s3dis, semantic3d"
     if run_defaults:
         data_help = (f"{clouds}, or 'generated' / 'generated-indoor' scenes (default: the files the run validated "
                      "on, else the run's data)")

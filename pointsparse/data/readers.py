@@ -164,7 +164,7 @@ class LabelMap:
 def load_label_map(name_or_path) -> LabelMap:
     """A label map from a JSON file, or by name from the project's
     ``datasets/`` folder (``semantic-kitti``, ``semantic-kitti-learning``,
-    ``ign-lidarhd``, ``s3dis``, ``semantic3d``). JSON: ``{"classes": [...], "map": {"raw":
+    ``ign-lidarhd``, ``ahn3``, ``s3dis``, ``semantic3d``). JSON: ``{"classes": [...], "map": {"raw":
     train_id}, "names": {...}, "inverse": {"class name": raw}}`` (``names``
     and ``inverse`` optional: :class:`LabelMap`); a key named twice in one
     object is a ValueError naming the file and the key (json would keep the
