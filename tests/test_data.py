@@ -2326,6 +2326,31 @@ def test_real_ign_tiles(datasets_dir):
     assert v.coords[:, 1:].min() >= 0
 
 
+def test_ahn3_map_reads_ahn3_codes(tmp_path):
+    """datasets/README.md sent AHN tiles to --label-map ign-lidarhd, which keeps ground (2) alone of AHN3's
+    codes (1 other, 2 ground, 6 building, 9 water, 26 civil structure): 81% of an AHN3 tile was ignored.
+    The ahn3 map keeps each of its codes as a class; any other is ignored."""
+    ahn = load_label_map("ahn3")
+    assert ahn.classes == ["other", "ground", "building", "water", "civil-structure"]
+    assert ahn.apply(np.array([0, 1, 2, 3, 6, 9, 17, 26, 64]), 255).tolist() == [255, 0, 1, 255, 2, 3, 255, 4, 255]
+    codes = np.array([1, 2, 6, 9, 26, 9, 7], np.uint8)
+    np.savez(tmp_path / "ahn.npz", xyz=np.random.default_rng(0).uniform(0, 50, (7, 3)).astype(np.float32),
+             origin=np.array([85000.0, 446000.0, 0.0]), classification=codes,
+             intensity=np.arange(7, dtype=np.uint16) * 100)
+    assert read_cloud(tmp_path / "ahn.npz", "ahn3").labels.tolist() == [0, 1, 2, 3, 4, 3, 255]
+
+
+def test_real_ahn3_tile_is_read_whole_through_the_ahn3_map(datasets_dir):
+    tile = datasets_dir / "ahn3" / "AHN3.npz"
+    if not tile.is_file():
+        pytest.skip("no AHN3 tile")
+    s = read_cloud(tile, "ahn3")
+    assert len(s) == 260_807 and (s.labels != 255).all()  # (its codes 1, 2, 9 and 26: every point a class)
+    assert set(np.unique(s.labels).tolist()) == {0, 1, 3, 4}
+    kept = np.count_nonzero(read_cloud(tile, "ign-lidarhd").labels != 255)
+    assert kept / len(s) < 0.2  # (IGN's map keeps ground alone: why the AHN map)
+
+
 def test_real_las_file(datasets_dir):
     pytest.importorskip("laspy")
     files = sorted((datasets_dir / "ign-lidarhd" / "las").glob("*.las"))
@@ -2516,6 +2541,55 @@ def test_voxelize_sample_of_a_huge_or_tiny_voxel(monkeypatch):
                              (1e-300, Sample(np.full((3, 3), 3e38)), "leaves float64")):
         with pytest.raises(ValueError, match=rf"^voxel_size {re.escape(repr(size))} .*{why}"):
             voxelize_sample(cloud, size, 255)
+
+
+def test_voxelize_sample_names_the_cloud_whose_extent_does_not_fit_and_says_an_outlier_can_cause_it():
+    """One point of a tile at 1e30 m (a corrupt record) stretches the cloud's
+    extent past int32 voxels at 0.5 m: the refusal named neither the cloud
+    (eval and train of several files left the user to find it) nor the
+    cause, and advised a larger voxel_size alone, no cure for one stray
+    point. It names the sample (its file) and says a point far from the
+    others can cause it; check_voxel_extent makes the same check alone."""
+    xyz = np.random.default_rng(0).uniform(0, 50, (100, 3)).astype(np.float32)
+    xyz[7, 0] = 1e30
+    cloud = Sample(xyz, name="tiles/bad.npz")
+    def check_voxel_extent(*args):
+        from pointsparse.data import check_voxel_extent
+
+        return check_voxel_extent(*args)
+
+    for check in (lambda: voxelize_sample(cloud, 0.5, 255), lambda: check_voxel_extent(cloud, 0.5)):
+        with pytest.raises(ValueError, match=r"^tiles/bad\.npz: voxel_size 0\.5 puts the cloud's extent of "
+                                             r"\[1\.00.*e\+30, .* must fit int32 \(use a larger voxel_size, or look "
+                                             r"for a point far from the others: a corrupt or outlier point"):
+            check()
+    check_voxel_extent(Sample(xyz[xyz[:, 0] < 100], name="tiles/good.npz"), 0.5)  # (fits: nothing said)
+
+
+def test_voxel_dataset_says_when_an_extent_refused_is_the_augmented_one():
+    """A training VoxelDataset refused a cloud with the extent of its points
+    after augmentation (rotated, scaled), which matches nothing in the file.
+    The file's own extent is checked first (named as the file holds it);
+    one that fits only unturned is refused saying the extent is the
+    augmented one."""
+    outlier = np.random.default_rng(0).uniform(0, 50, (50, 3)).astype(np.float32)
+    outlier[3, 0] = 1e30
+    with pytest.raises(ValueError, match=r"^far\.npz: voxel_size 0\.5 puts the cloud's extent of \[") as refused:
+        VoxelDataset([Sample(outlier, name="far.npz")], 0.5, train=True)[0]
+    assert "augmentation" not in str(refused.value)
+    # 2e9 m along x, 3 m up at 1 m voxels: 31 + 2 bits as stored; turned near 45 degrees, x and y take 31 bits
+    # each, past a key's 63 bits with z's
+    long = Sample(np.array([[0, 0, 0], [2e9, 0, 3]], np.float32), name="long.npz")
+    assert len(VoxelDataset([long], 1.0)[0].input) == 2
+    ds, said = VoxelDataset([long], 1.0, train=True), []
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        try:
+            ds[0]
+        except ValueError as error:
+            said.append(str(error))
+    assert said and all(m.startswith("long.npz: voxel_size 1.0 is too small for the cloud's extent after this "
+                                     "run's augmentation (a random rotation about z") for m in said), said[:1]
 
 
 def test_voxelize_sample_of_a_cloud_whose_shifted_extent_passes_float32():
@@ -2909,6 +2983,28 @@ def test_semantickitti_intensity_outside_0_1_is_refused_naming_the_file(tmp_path
     assert np.array_equal(read_semantickitti(path).intensity, inten)
 
 
+def test_a_bin_file_whose_floats_are_no_positions_is_refused_naming_it(tmp_path):
+    """A text file of 16-byte lines named .bin was read as a scan: 100 points at ~1e27 m, all alike, so
+    their extent was 0 (voxelize counts voxels from the cloud's first and refused nothing) and predict wrote
+    a class per point with exit 0. A coordinate past 1e9 m is refused naming the file; UTM-sized ones read."""
+    path = tmp_path / "junk.bin"
+    path.write_text("hello world!!!!\n" * 100)
+    with pytest.raises(ValueError, match=r"junk\.bin: 100 of 100 points lie past 1e\+09 m from the origin \(first "
+                                         r"\[1\.14.*e\+27, .*not positions in metres: a corrupt file"):
+        read_cloud(path)
+    xyz, _ = _cloud(4)
+    scan = tmp_path / "000000.bin"
+    for far, ok in ((3e9, False), (-1.5e9, False), (6.8e6, True)):
+        points = np.hstack([xyz, np.full((4, 1), 0.5)]).astype(np.float32)
+        points[2, 1] = far
+        points.tofile(scan)
+        if ok:
+            assert read_semantickitti(scan).xyz[2, 1] == np.float32(far)
+        else:
+            with pytest.raises(ValueError, match=r"000000\.bin: 1 of 4 points lie past 1e\+09 m"):
+                read_semantickitti(scan)
+
+
 def test_semantickitti_point_without_a_return_is_a_nonfinite_position(tmp_path):
     """A .bin converted from an organised cloud marks a point without a
     return NaN in all four floats: its NaN remission was refused as an
@@ -3112,6 +3208,19 @@ def test_npz_positions_with_more_columns_read_as_a_npy_clouds(tmp_path):
     np.savez(tmp_path / "both.npz", xyz=np.c_[xyz, intensity], intensity=intensity, labels=lab)
     with pytest.raises(ValueError, match=r"both\.npz: key 'xyz' holds an intensity column and the key 'intensity'"):
         read_cloud(tmp_path / "both.npz")
+
+
+def test_an_npz_with_two_label_keys_is_refused(tmp_path):
+    """An .npz holding both ``labels`` and ``classification`` (a tile's LAS classes beside labels of one's
+    own) was read through ``labels`` alone, the other dropped without a word: refused naming the file and both
+    keys, as two intensity sources are; read without labels (predict's), it is read."""
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "two.npz", xyz=xyz, labels=np.zeros(len(xyz), np.int64), classification=lab)
+    with pytest.raises(ValueError, match=r"two\.npz: holds labels under the keys 'labels' and 'classification': "
+                                         r"keep one$"):
+        read_cloud(tmp_path / "two.npz")
+    s = read_cloud(tmp_path / "two.npz", labels=False)
+    assert s.labels is None and np.array_equal(s.xyz, xyz)
 
 
 @pytest.mark.parametrize("layout, suffix", [("velodyne", ".bin"), ("points", ".npy")])

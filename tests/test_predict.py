@@ -1099,3 +1099,84 @@ def test_clouds_lacking_a_feature_the_model_trained_on_are_noted(tmp_path, capsy
     assert cli.main(["predict", "--data", str(bare), "--out", str(tmp_path / "r"), "--checkpoint", str(older),
                      "--no-progress"]) == 0
     assert "hold no" not in capsys.readouterr().err
+
+
+def test_eval_and_train_name_the_cloud_whose_extent_does_not_fit_the_voxel_grid(tmp_path, capsys):
+    """One tile with a corrupt point at 1e30 m among good ones: predict named the file, but eval and train
+    said "voxel_size 0.5 puts the cloud's extent of ..." naming none, and train gave the extent of the
+    points after its augmentation (rotated), which matches nothing in the file. Both name the file now, and
+    train refuses it as it reads its clouds, before "data ready", with the file's own extent."""
+    good = _clouds(tmp_path / "in", 2)
+    scene = generated.outdoor_scene(seed=25, beams=16, azimuth_steps=256)
+    xyz = scene.xyz.copy()
+    xyz[7, 0] = 1e30
+    bad = tmp_path / "in" / "far.npz"
+    np.savez(bad, xyz=xyz, labels=scene.labels, intensity=scene.intensity)
+    said = f"{bad}: voxel_size 0.5 puts the cloud's extent of [1.00"
+    assert cli.main(["eval", "--checkpoint", str(_checkpoint(tmp_path / "m.pt")), "--data", *map(str, good),
+                     str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "a corrupt or outlier point" in err, err
+    for data in (["--data", str(good[0]), str(bad), "--val-data", str(good[1])],
+                 ["--data", *map(str, good), "--val-data", str(bad)]):
+        assert cli.main(["train", *data, "--epochs", "1", "--voxel-size", "0.5", "--cr", "0.25", "--blocks", "1",
+                         "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        out, err = capsys.readouterr()
+        assert said in err and "augmentation" not in err and "data ready" not in out + err, (out, err)
+
+
+def test_a_feature_the_training_clouds_lacked_is_0_with_a_note(tmp_path, capsys):
+    """A cloud with colour given to a model whose training clouds held none (its config's ``point_features``:
+    intensity alone) was fed its colour, which the model never saw, without a word. predict and eval set it to
+    0, as in training, and note the cloud and the feature; a checkpoint that records no point_features (an
+    older one) feeds the colour as before."""
+    ckpt = _checkpoint(tmp_path / "older.pt")
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["point_features"] = ["intensity"]
+    torch.save(state, tmp_path / "m.pt")
+    scene = generated.outdoor_scene(seed=22, beams=16, azimuth_steps=256)
+    rgb = np.random.default_rng(0).integers(0, 256, (len(scene.xyz), 3)).astype(np.uint8)
+    colour, plain = tmp_path / "in" / "colour.npz", tmp_path / "plain" / "colour.npz"
+    for path, extra in ((colour, {"rgb": rgb}), (plain, {})):
+        path.parent.mkdir()
+        np.savez(path, xyz=scene.xyz, labels=scene.labels, intensity=scene.intensity, **extra)
+    model = load_model(ckpt).eval()
+    assert not np.array_equal(_expected(model, colour, 0.5), _expected(model, plain, 0.5))  # (colour tells)
+    for name, expected in (("m.pt", plain), ("older.pt", colour)):
+        out = tmp_path / f"p-{name}"
+        assert cli.main(["predict", "--checkpoint", str(tmp_path / name), "--data", str(colour), "--out", str(out),
+                         "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert np.array_equal(np.load(out / "colour.npy"), _expected(model, expected, 0.5))
+        noted = f"note: 1 of the 1 clouds hold rgb ({colour}), which the model's training clouds did not: it is set"
+        assert (noted in err) == (name == "m.pt"), err
+    cms = []
+    for data in (colour, plain):
+        out = tmp_path / f"e-{data.parent.name}"
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--data", str(data), "--out", str(out),
+                         "--no-progress"]) == 0
+        assert ("hold rgb" in capsys.readouterr().err) == (data == colour)
+        cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
+    assert cms[0] == cms[1]
+
+
+def test_float32_positions_whose_step_passes_the_voxel_size_are_warned_of_once_per_file(tmp_path, capsys):
+    """Absolute UTM positions stored as float32 (a step of 0.5 m at 6.8e6 m) merge voxels smaller than that
+    step without a word (positions stored wider get Sample's warning, and the readers' shift). train, eval and
+    predict warn once per file, naming it, the positions' reach, float32's step there and the voxel size; a
+    cloud near the origin is not named."""
+    near = _clouds(tmp_path / "in", 2)
+    scene = generated.outdoor_scene(seed=23, beams=16, azimuth_steps=256)
+    far = tmp_path / "in" / "far.npz"
+    np.savez(far, xyz=(scene.xyz.astype(np.float64) + [2e7, 3e6, 0]).astype(np.float32), labels=scene.labels,
+             intensity=scene.intensity)
+    said = f"warning: {far}: its float32 positions reach 2e+07 m from the origin, where float32's step is 2 m, " \
+           "coarser than the voxel size 0.5 m"
+    ckpt = str(_checkpoint(tmp_path / "m.pt"))
+    for argv in (["predict", "--checkpoint", ckpt, "--out", str(tmp_path / "p"), "--data", *map(str, near), str(far)],
+                 ["eval", "--checkpoint", ckpt, "--data", *map(str, near), str(far)],
+                 ["train", "--data", str(near[0]), str(far), "--val-data", str(near[1]), "--epochs", "1",
+                  "--voxel-size", "0.5", "--cr", "0.25", "--blocks", "1", "--out", str(tmp_path / "run")]):
+        assert cli.main([*argv, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert err.count(said) == 1 and str(near[0]) + ":" not in err, (argv[0], err)

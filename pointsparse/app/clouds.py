@@ -6,6 +6,7 @@ the files' format contradicts (eval, predict, prune): one rule for each."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import sys
@@ -265,6 +266,27 @@ def _training_format(state: dict, paths: list, default) -> bool:
         return False
 
 
+def warn_coarse_positions(sample, voxel_size: float) -> bool:
+    """A warning on stderr, naming the cloud (its file), where its float32
+    positions lie so far from the origin that float32's step there is
+    coarser than ``voxel_size``: their points fall on a grid of that step,
+    several voxels apart, and merge (absolute UTM coordinates stored as
+    float32: 0.5 m apart at 6.8e6 m, against 0.1 m voxels). Positions given
+    wider get ``Sample``'s warning and the readers' shift; float32 ones
+    come as stored, what they lost already lost. Returns whether it warned."""
+    if not len(sample.xyz):
+        return False
+    reach = float(np.abs(sample.xyz).max())
+    step = float(np.spacing(np.float32(reach)))
+    if step <= voxel_size:
+        return False
+    print(f"warning: {sample.name or 'a cloud'}: its float32 positions reach {reach:.4g} m from the origin, where "
+          f"float32's step is {step:g} m, coarser than the voxel size {voxel_size:g} m: its points lie on a grid of "
+          f"{step:g} m and their voxels merge; store positions relative to an origin (e.g. xyz - xyz.min(0), "
+          "taken in float64 before the float32 cast)", file=sys.stderr)
+    return True
+
+
 #: The optional point features a cloud may hold (:func:`pointsparse.data.transforms.point_features`: 0 where a
 #: cloud holds none).
 OPTIONAL_FEATURES = ("intensity", "rgb")
@@ -277,24 +299,54 @@ def held_features(samples) -> list[str]:
     return [f for f in OPTIONAL_FEATURES if any(getattr(s, f) is not None for s in samples)]
 
 
-class MissingFeatures:
-    """The clouds that lack a feature the model was trained with (the
-    config's ``point_features``; none recorded: nothing is noted): their
-    feature is 0, as for a model trained without it, and the predictions may
-    be the worse (an xyz-only ``.npy`` given to a model trained on
-    intensity ran without a word). :meth:`note` prints one line on stderr."""
+class TrainedFeatures:
+    """The optional features a model was trained with (the config's
+    ``point_features``) against those of the clouds it is given. A cloud
+    lacking one has it 0, as for a model trained without it, and its
+    predictions may be the worse (an xyz-only ``.npy`` given to a model
+    trained on intensity ran without a word). A cloud holding one the
+    training clouds lacked has it set to 0 by :meth:`fitted`, as the model
+    saw it in training (colour fed to a model that never saw any ran without
+    a word). :meth:`note` prints a line on stderr for each. A config that
+    records none (an older checkpoint's): nothing noted, nothing changed."""
 
     def __init__(self, config: dict) -> None:
-        self.trained = [f for f in config.get("point_features") or () if f in OPTIONAL_FEATURES]
+        recorded = config.get("point_features")
+        self.trained = [f for f in recorded or () if f in OPTIONAL_FEATURES]
+        self.untrained = [f for f in OPTIONAL_FEATURES if f not in self.trained] if recorded is not None else []
         self.lacking: dict[str, list[str]] = {}
+        self.unseen: dict[str, list[str]] = {}
 
     def check(self, sample) -> None:
         for feature in self.trained:
             if getattr(sample, feature) is None:
                 self.lacking.setdefault(feature, []).append(str(sample.name))
+        for feature in self.untrained:
+            if getattr(sample, feature) is not None:
+                self.unseen.setdefault(feature, []).append(str(sample.name))
+
+    def fitted(self, sample):
+        """``sample`` as the model takes it: a shallow copy without the
+        features its training clouds lacked (0, as in training), else itself."""
+        drop = [f for f in self.untrained if getattr(sample, f) is not None]
+        if not drop:
+            return sample
+        fitted = copy.copy(sample)  # (the arrays shared: a reader's cached cloud keeps its own)
+        for feature in drop:
+            setattr(fitted, feature, None)
+        return fitted
 
     def note(self, total: int) -> None:
         for feature, names in self.lacking.items():
-            shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
-            print(f"note: {len(names)} of the {total} clouds hold no {feature} ({shown}), which the model's training "
-                  f"clouds held: it is 0 for their points, and their predictions may be the worse", file=sys.stderr)
+            print(f"note: {len(names)} of the {total} clouds hold no {feature} ({_shown(names)}), which the model's "
+                  f"training clouds held: it is 0 for their points, and their predictions may be the worse",
+                  file=sys.stderr)
+        for feature, names in self.unseen.items():
+            print(f"note: {len(names)} of the {total} clouds hold {feature} ({_shown(names)}), which the model's "
+                  f"training clouds did not: it is set to 0 for their points, as the model saw it in training",
+                  file=sys.stderr)
+
+
+def _shown(names: list[str]) -> str:
+    """The first two of ``names``, and how many more."""
+    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")

@@ -21,9 +21,11 @@ import torch
 from ..checkpoint import DirectoryLock
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset
 from ..data.datasets import is_generated
+from ..data.transforms import check_voxel_extent
 from ..models import model_from_state
 from . import metrics
-from .clouds import MissingFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
+from .clouds import (TrainedFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite,
+                     warn_coarse_positions)
 from .distributed import pick_device
 from .scoring import EVAL_PREFIX, _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
@@ -176,12 +178,16 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
     if model is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
                                 args)
+    samples = source
     if not is_generated(spec):  # (the clouds are read by now: require_labels)
-        missing = MissingFeatures(config)
+        features = TrainedFeatures(config)
         for sample in source:
-            missing.check(sample)
-        missing.note(len(source))
-    dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
+            features.check(sample)
+            check_voxel_extent(sample, config["voxel_size"])  # (naming the file before any cloud is scored)
+            warn_coarse_positions(sample, config["voxel_size"])
+        features.note(len(source))
+        samples = [features.fitted(sample) for sample in source]  # (features the model never saw: 0)
+    dataset = VoxelDataset(samples, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     with loaded_frozen():
         cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,

@@ -226,7 +226,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
     from ..data.transforms import voxelize_sample
-    from .clouds import MissingFeatures, nonfinite_hold, skips_nonfinite
+    from .clouds import TrainedFeatures, nonfinite_hold, skips_nonfinite, warn_coarse_positions
     from .scoring import loaded_frozen, predict
     from .trainer import have_tqdm, progress_bar
 
@@ -238,7 +238,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
         torch.set_num_threads(args.threads)
     ignore = config.get("ignore_index", DEFAULT_IGNORE)
     points = voxels = 0
-    missing = MissingFeatures(config)
+    features = TrainedFeatures(config)
     t0 = time.perf_counter()
     with loaded_frozen():
         for path, target in progress_bar(list(zip(paths, targets)), "predict",
@@ -247,11 +247,10 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                                 "(.npy) or raw id 0 (.label, .labels) for these"):
                 sample = read_cloud(path, text_map if path.suffix.lower() == ".txt" else None,
                                     labels=False)  # (the file's own labels, where it has any, go unread)
-            missing.check(sample)
-            try:
-                v = voxelize_sample(sample, config["voxel_size"], ignore)
-            except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
-                raise ValueError(f"{path}: {error}") from error
+            features.check(sample)
+            sample = features.fitted(sample)  # (features the training clouds lacked: 0, as the model saw them)
+            warn_coarse_positions(sample, config["voxel_size"])
+            v = voxelize_sample(sample, config["voxel_size"], ignore)  # (coordinates it cannot hold: named)
             if v.feats.shape[1] != config["in_channels"]:
                 raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "
                                  f"{config['in_channels']}")
@@ -271,7 +270,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
             atomic_write(target, lambda f, data=data: f.write(data))
             points, voxels = points + len(pred), voxels + len(v.input)
     elapsed = time.perf_counter() - t0
-    missing.note(len(paths))
+    features.note(len(paths))
     text = json.dumps({"classes": classes, "format": args.format, "files": len(paths),
                        **({"label_map": label_map.name} if label_map is not None else {})}, indent=1) + "\n"
     atomic_write(Path(args.out) / "classes.json", lambda f: f.write(text.encode()))

@@ -30,13 +30,14 @@ import torch
 from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.datasets import is_generated
+from ..data.transforms import check_voxel_extent
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE, MAX_RAYS
 from ..models import SyncBatchNorm, build_model, model_from_state
 from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import TRACEBACK_ENV, CommandParser, given_flags
-from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite
+from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite, warn_coarse_positions
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
 from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files,
@@ -73,7 +74,7 @@ def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE, run_
     --data and --label-map gives their defaults there, the run's data and label map."""
     clouds = ("point cloud files/folders/globs: SemanticKITTI sequence folders or velodyne/*.bin, .npy/.npz, "
               ".las/.laz, .ply/.pcd, S3DIS .txt or room folders")
-    maps = "semantic-kitti-learning, ign-lidarhd, s3dis, semantic3d"
+    maps = "semantic-kitti-learning, ign-lidarhd, ahn3, s3dis, semantic3d"
     if run_defaults:
         data_help = (f"{clouds}, or 'generated' / 'generated-indoor' scenes (default: the files the run validated "
                      "on, else the run's data)")
@@ -1337,19 +1338,35 @@ class TrainingJob:
 
     def _load_data(self) -> None:
         """Generate or read every training cloud and this process's
-        validation shard once, outside the timed steps; the class weights.
-        A run that only writes its missing report (``report_only``) trains
-        nothing: its validation shard alone."""
+        validation shard once, outside the timed steps, each checked to fit
+        the voxel grid as the file holds it (a ValueError naming the file and
+        its own extent, before "data ready"); the class weights. A run that
+        only writes its missing report (``report_only``) trains nothing: its
+        validation shard alone."""
         t_load = time.perf_counter()
-        for _ in () if self.report_only else self.train_src:
-            pass
+        voxel = self.config["voxel_size"]
+        # (each cloud's own extent checked at the run's voxel size as it is read: refused later, inside an
+        # epoch, the extent named was the augmented one's, not the file's)
+        for sample in () if self.report_only else self.train_src:
+            check_voxel_extent(sample, voxel)
+            if self.dist.rank == 0:  # (once: every process reads every training cloud)
+                warn_coarse_positions(sample, voxel)
         if not self.report_only and self.dist.rank == 0:
             from .evaluate import warn_mostly_ignored_clouds
 
             warn_mostly_ignored_clouds(self.train_src, self.args.ignore_index, len(self.classes),
                                        getattr(self.train_src, "label_map", None), "the training clouds")
-        for i in self._val_shard():
-            self.val_src[i]
+        error = None
+        try:
+            for i in self._val_shard():
+                check_voxel_extent(self.val_src[i], voxel)
+                warn_coarse_positions(self.val_src[i], voxel)
+        except ValueError as refused:
+            if not self.dist.active:
+                raise
+            error = str(refused)
+        if self.dist.active:  # (a shard's refusal is every process's: the others waited in a collective)
+            refuse_together(self.dist, error)
         self.log(f"data ready in {time.perf_counter() - t_load:.1f} s")
         self.weight = None
         if getattr(self.args, "class_weights", "none") != "none" and not self.report_only:

@@ -20,7 +20,7 @@ from ..tensor import _index, as_bool, as_int
 from . import generated
 from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, _is_semantic3d, find_clouds, load_label_map, read_cloud
 from .sample import Sample
-from .transforms import augment, check_voxel_size, voxelize_sample
+from .transforms import AUGMENTED, augment, check_voxel_extent, check_voxel_size, voxelize_sample
 
 # Seeds of held-out generated scenes start here; training scenes use 0, 1, ...
 VALIDATION_SEED = 1_000_000
@@ -152,7 +152,10 @@ class CloudFiles(Sequence[Sample]):
 
 
 class VoxelDataset(torch.utils.data.Dataset):
-    """Voxelised (and, for training, augmented) samples of ``source``."""
+    """Voxelised (and, for training, augmented) samples of ``source``. A
+    cloud whose voxels at ``voxel_size`` do not fit a coordinate key is a
+    ValueError naming it (its file) and its extent: the file's own, else,
+    for training, the extent after augmentation, which the message says."""
 
     def __init__(self, source: Sequence[Sample], voxel_size: float, ignore_index: int = DEFAULT_IGNORE,
                  train: bool = False, seed: int = 0) -> None:
@@ -203,7 +206,11 @@ class VoxelDataset(torch.utils.data.Dataset):
         if not isinstance(sample, Sample):  # (an AttributeError inside augment or voxelize_sample)
             raise TypeError(f"source[{index}] must be a Sample; got {type(sample).__name__}")
         if self.train:
+            # The file's own extent checked first: an augmented one (rotated, scaled) is not the file's, and a
+            # refusal of it alone (a cloud that fits only unturned) says so.
+            check_voxel_extent(sample, self.voxel_size)
             sample = augment(sample, np.random.default_rng([self.seed, int(self._epoch[0]), index]))
+            check_voxel_extent(sample, self.voxel_size, AUGMENTED)
         return voxelize_sample(sample, self.voxel_size, self.ignore_index)
 
 

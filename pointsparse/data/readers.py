@@ -164,7 +164,7 @@ class LabelMap:
 def load_label_map(name_or_path) -> LabelMap:
     """A label map from a JSON file, or by name from the project's
     ``datasets/`` folder (``semantic-kitti``, ``semantic-kitti-learning``,
-    ``ign-lidarhd``, ``s3dis``, ``semantic3d``). JSON: ``{"classes": [...], "map": {"raw":
+    ``ign-lidarhd``, ``ahn3``, ``s3dis``, ``semantic3d``). JSON: ``{"classes": [...], "map": {"raw":
     train_id}, "names": {...}, "inverse": {"class name": raw}}`` (``names``
     and ``inverse`` optional: :class:`LabelMap`); a key named twice in one
     object is a ValueError naming the file and the key (json would keep the
@@ -549,7 +549,9 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
                        ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """One SemanticKITTI scan: ``velodyne/NNNNNN.bin`` (float32 x, y, z,
     intensity) and ``labels/NNNNNN.label`` (uint32; lower 16 bits semantic id,
-    upper 16 instance). ``label_path`` defaults to the sibling ``labels``
+    upper 16 instance); a coordinate past :data:`SCAN_POSITION_LIMIT` (1e9 m)
+    is a ValueError naming the file (no position: a corrupt file, or
+    another kind read as float32). ``label_path`` defaults to the sibling ``labels``
     folder; a missing label file gives an unlabelled sample, as does
     ``labels=False`` (no label file read). Intensities (remissions) come as
     stored and must lie in 0..1; a value outside (negative, above 1, NaN) is
@@ -579,8 +581,28 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
     # (a point whose position is not finite, a point without a return, is left for Sample to refuse or drop,
     # NaN remission and all: refused here as an intensity, it hid the NonFinitePositions --skip-nonfinite takes)
     placed = np.isfinite(data[:, :3]).all(1)
+    _scan_positions(data[placed, :3], scan_path)
     _remissions(data[placed, 3:4], scan_path)
     return Sample(data[:, :3], ids, intensity=data[:, 3:4], name=str(scan_path))
+
+
+#: Metres from the origin past which a ``.bin`` scan's coordinate is no position (a LiDAR's reach is hundreds
+#: of metres, UTM's millions): the bytes of another file read as float32 (text: 1e27 m).
+SCAN_POSITION_LIMIT = 1e9
+
+
+def _scan_positions(xyz: np.ndarray, scan_path) -> None:
+    """ValueError naming the file where a finite coordinate of a ``.bin``
+    scan lies past :data:`SCAN_POSITION_LIMIT` metres: raw float32 bytes
+    of something else (a text file of 16-byte lines read as 100 points at
+    1e27 m, all alike: one voxel, predicted with exit 0, as voxels are
+    counted from the cloud's first and its extent was 0)."""
+    far = np.abs(xyz) > SCAN_POSITION_LIMIT
+    if far.any():
+        rows = far.any(1)
+        raise ValueError(f"{scan_path}: {int(rows.sum())} of {len(xyz)} points lie past {SCAN_POSITION_LIMIT:g} m "
+                         f"from the origin (first {xyz[rows][0].tolist()}): not positions in metres: a corrupt file, "
+                         "or not a SemanticKITTI scan (float32 x, y, z, intensity)")
 
 
 def _remissions(values: np.ndarray, scan_path) -> np.ndarray:
@@ -618,7 +640,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
 
     ``.npz``: positions under ``xyz``/``points``, optional ``origin`` (not
     added: positions stay relative to it, which keeps coordinates small),
-    ``intensity``, ``rgb``, labels under ``labels``/``classification``;
+    ``intensity``, ``rgb``, labels under one of ``labels``/``classification``
+    (two label keys are a ValueError: keep one);
     positions of 4, 6 or 7 columns hold intensity and/or colour as a
     ``.npy`` cloud's do (then no ``intensity``/``rgb`` key for them).
     ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
@@ -655,7 +678,11 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                 if held and name in z.files:
                     raise ValueError(f"{path}: key {key!r} holds {column} column and the key {name!r} another: "
                                      "keep one")
-            lab_key = next((k for k in _NPZ_LABELS if k in z.files), None) if labels else None
+            held = [k for k in _NPZ_LABELS if k in z.files] if labels else []
+            if len(held) > 1:  # (the first of them was read, the others dropped without a word)
+                raise ValueError(f"{path}: holds labels under the keys {held[0]!r} and {held[1]!r}"
+                                 f"{f' (and {len(held) - 2} more)' if len(held) > 2 else ''}: keep one")
+            lab_key = held[0] if held else None
             raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
                         [(n,), (n, 1)]) if lab_key else None
             intensity = rgb = None

@@ -199,28 +199,64 @@ def check_voxel_size(value) -> float:
     return size
 
 
-def _first_voxels(low: np.ndarray, high: np.ndarray, voxel_size: float) -> np.ndarray:
+#: What the extent errors advise: one point far from the others (a corrupt record, an outlier) stretches a
+#: cloud's extent on its own, where a larger voxel_size is no cure.
+_EXTENT_ADVICE = ("use a larger voxel_size, or look for a point far from the others: a corrupt or outlier point "
+                  "stretches the extent on its own")
+
+
+def _first_voxels(low: np.ndarray, high: np.ndarray, voxel_size: float, name: str = "",
+                  after: str = "") -> np.ndarray:
     """``floor(low / voxel_size)`` per axis (float64), the voxel the shift
     moves to 0, after checking that the cloud's voxels from there fit a
     coordinate key: ValueError naming ``voxel_size`` (before anything is
-    quantised) where ``points / voxel_size`` leaves float64, a span passes
-    int32, or the x, y, z spans together pass the key's bits."""
+    quantised), and the cloud ``name`` where it has one (its file), where
+    ``points / voxel_size`` leaves float64, a span passes int32, or the x,
+    y, z spans together pass the key's bits. ``after``: words after "the
+    cloud's extent" saying what moved the points (augmentation)."""
+    where = f"{name}: " if name else ""
+    extent = f"the cloud's extent{after}"
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         first, last = np.floor(low / voxel_size), np.floor(high / voxel_size)
     if not (np.isfinite(first).all() and np.isfinite(last).all()):
-        raise ValueError(f"voxel_size {voxel_size!r} is too small for the cloud's coordinates (from {low.tolist()} to "
-                         f"{high.tolist()} m): points / voxel_size leaves float64")
+        raise ValueError(f"{where}voxel_size {voxel_size!r} is too small for the cloud's coordinates{after} (from "
+                         f"{low.tolist()} to {high.tolist()} m): points / voxel_size leaves float64")
     spans = last - first
     if (spans > _coords.COORD_MAX).any():
-        raise ValueError(f"voxel_size {voxel_size!r} puts the cloud's extent of {(high - low).tolist()} m (x, y, z) "
-                         f"across {(spans + 1).tolist()} voxels; voxel coordinates must fit int32 (use a larger "
-                         "voxel_size)")
+        raise ValueError(f"{where}voxel_size {voxel_size!r} puts {extent} of {(high - low).tolist()} m (x, y, z) "
+                         f"across {(spans + 1).tolist()} voxels; voxel coordinates must fit int32 ({_EXTENT_ADVICE})")
     try:
         KeyLayout.fit([0, 0, 0, 0], [0, *(int(v) for v in spans)])
     except ValueError as exc:
-        raise ValueError(f"voxel_size {voxel_size!r} is too small for the cloud's extent of "
-                         f"{(high - low).tolist()} m (x, y, z): its {exc}; use a larger voxel_size") from None
+        raise ValueError(f"{where}voxel_size {voxel_size!r} is too small for {extent} of "
+                         f"{(high - low).tolist()} m (x, y, z): its {exc}; {_EXTENT_ADVICE}") from None
     return first
+
+
+def _bounds(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (lowest, highest) of each column of non-empty ``(N, 3)`` float32 positions."""
+    # (the minimum per column: the same values as numpy's reduction over the (N, 3) rows, sooner)
+    low = np.array([xyz[:, a].min() for a in range(3)], dtype=np.float64)
+    high = np.array([xyz[:, a].max() for a in range(3)], dtype=np.float64)
+    return low, high
+
+
+#: What :func:`check_voxel_extent` says moved the points of an augmented sample.
+AUGMENTED = " after this run's augmentation (a random rotation about z, scaling and jitter: not the file's own)"
+
+
+def check_voxel_extent(sample: Sample, voxel_size: float, after: str = "") -> None:
+    """The check :func:`voxelize_sample` makes before it quantises, alone:
+    a ValueError naming the sample (its ``name``, the file it was read
+    from) and ``voxel_size`` where the cloud's voxels at that size do not
+    fit a coordinate key (an extent too wide for the size, often one
+    corrupt or outlier point far from the others). ``after``: words that
+    follow "the cloud's extent" in the message (:data:`AUGMENTED` for a
+    sample ``augment`` moved, whose extent is not its file's)."""
+    _check_sample(sample, "check_voxel_extent")
+    voxel_size = check_voxel_size(voxel_size)
+    if len(sample.xyz):
+        _first_voxels(*_bounds(sample.xyz), voxel_size, sample.name, after)
 
 
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
@@ -231,16 +267,15 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
     number (metres); ``ignore_index``: an int (TypeError/ValueError naming
     either otherwise). A ``voxel_size`` so small that the cloud's voxels do
     not fit a coordinate key (int32 per axis, 63 bits for the spans
-    together) is a ValueError naming it, before anything is quantised."""
+    together) is a ValueError naming it and the sample's ``name`` (its
+    file), before anything is quantised (:func:`check_voxel_extent`)."""
     _check_sample(sample, "voxelize_sample")
     voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
     xyz = torch.from_numpy(sample.xyz).double()  # (Sample keeps float32, C-contiguous)
     first, bounds = np.zeros(3), None
     if len(xyz):
-        # (the minimum per column: the same values as numpy's reduction over the (N, 3) rows, sooner)
-        low = np.array([sample.xyz[:, a].min() for a in range(3)], dtype=np.float64)
-        high = np.array([sample.xyz[:, a].max() for a in range(3)], dtype=np.float64)
-        first = _first_voxels(low, high, voxel_size)
+        low, high = _bounds(sample.xyz)
+        first = _first_voxels(low, high, voxel_size, sample.name)
         # the extent check (voxelize's) from the bounds already read: floor and the shift keep the rows' order
         bounds = [np.floor(b / voxel_size) - first + 0.5 for b in (low, high)]
     feats = torch.from_numpy(point_features(sample))
