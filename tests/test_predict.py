@@ -988,6 +988,35 @@ def test_the_mostly_ignored_warning_names_the_option_that_gave_the_map(capsys):
         assert "75.0% of the points" in err and f"({flag})" in err, err
 
 
+def test_a_cloud_mostly_ignored_beside_good_ones_is_named(capsys):
+    """eval (and train's validation) warned only where more than half of all the points were ignored: a file whose
+    labels are all ignored through the map (labels of other ids) beside good files went unmentioned, where train
+    names such a training cloud. The check now names such clouds where the share of all stays under the bar, and
+    says nothing twice where it warned of the whole."""
+    from types import SimpleNamespace
+
+    from pointsparse.app import evaluate
+
+    label_map = load_label_map("semantic-kitti")
+
+    def source(*clouds):
+        return type("Source", (), {"label_map": label_map, "__len__": lambda self: len(clouds),
+                                   "__getitem__": lambda self, i: clouds[i]})()
+
+    good = [SimpleNamespace(labels=np.zeros(40, dtype=np.int64), name=f"good{i}.npz") for i in range(3)]
+    bad = SimpleNamespace(labels=np.full(40, 255), name="other-ids.npz")
+    evaluate.check_scored_labels(source(*good, bad), len(label_map.classes), 255, "--data")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert ("warning: --data: 1 of 4 labelled clouds have more than 50% of their points ignored, the first "
+            f"other-ids.npz (100.0%): raw labels the label map {label_map.name!r} does not list") in err, err
+    evaluate.check_scored_labels(source(good[0], bad, bad), len(label_map.classes), 255, "--data")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "66.7% of the points" in err, err
+    evaluate.check_scored_labels(source(*good), len(label_map.classes), 255, "--data")
+    assert capsys.readouterr().err == ""
+
+
 def _labelled_run(tmp_path, label_map: str, recorded):
     """A run's checkpoint (tmp_path / c.pt) of a sharp MinkUNet over ``label_map``'s classes, its config
     naming the map and its args recording ``recorded`` as --label-map: (the map, model, config, path)."""

@@ -242,7 +242,9 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     any shard is scored. Where more than half of the points carry the
     ignore index, and it is no class index, a warning on stderr
     (:func:`warn_mostly_ignored`, naming ``flag``, the option that gave the
-    map; not in a distributed run)."""
+    map; not in a distributed run); where fewer are, a warning naming the
+    clouds with more than half of theirs ignored, where a label map read
+    them (:func:`warn_mostly_ignored_clouds`)."""
     from .scoring import refuse_together, shard
 
     distributed = dist is not None and dist.active
@@ -265,7 +267,10 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")
     if not distributed and not 0 <= ignore_index < num_classes:
-        warn_mostly_ignored(points, kept, ignore_index, getattr(source, "label_map", None), where, flag)
+        label_map = getattr(source, "label_map", None)
+        if not warn_mostly_ignored(points, kept, ignore_index, label_map, where, flag):
+            # (a cloud of ignored labels beside good ones: the share of all points stayed under the bar)
+            warn_mostly_ignored_clouds(source, ignore_index, num_classes, label_map, where, flag)
 
 
 #: The share of ignored points above which :func:`warn_mostly_ignored` warns.
@@ -273,18 +278,20 @@ MOSTLY_IGNORED = 0.5
 
 
 def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, where: str,
-                        flag: str = "--label-map") -> None:
+                        flag: str = "--label-map") -> bool:
     """A warning on stderr where more than :data:`MOSTLY_IGNORED` of the
     ``points`` of the data (``where``) are ignored (``kept`` are scored):
     raw labels read through a ``label_map`` that does not list them, most
     often the map of other data (raw SemanticKITTI ids read with
     semantic-kitti-learning kept 0.5% of a scan; its mIoU was printed as
-    any other), or labels of the ignore index in the files themselves."""
+    any other), or labels of the ignore index in the files themselves.
+    Returns whether it warned."""
     if points == 0 or (points - kept) / points <= MOSTLY_IGNORED:
-        return
+        return False
     why = _unlisted(label_map, flag) if label_map is not None else "the files' own labels"
     print(f"warning: {where}: {100 * (points - kept) / points:.1f}% of the points ({points - kept} of {points}) "
           f"carry the ignore index {ignore_index}, {why}; the metrics score the other {kept}", file=sys.stderr)
+    return True
 
 
 def warn_mostly_ignored_clouds(samples, ignore_index: int, num_classes: int, label_map, where: str,
