@@ -899,9 +899,9 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     try:
         las = laspy.read(str(path))
     except laspy.errors.LaspyException as exc:
-        if compressed and not laspy.LazBackend.detect_available():
-            raise ValueError(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs lazrs or "
-                             f"laszip (pip install lazrs) ({exc})") from None
+        if compressed and not laspy.LazBackend.detect_available():  # (an extra missing, as laspy itself is)
+            raise MissingExtra(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs the "
+                               f"optional extra lazrs or laszip: pip install lazrs ({exc})") from None
         raise ValueError(f"{path}: laspy cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
     names = set(las.point_format.dimension_names)
     keep = None  # (the withheld flag: bit 7 of the classification byte in formats 0-5, a flag bit in 6-10)
