@@ -22,8 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from _common import (enforce_error, environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
-                     street_scene, timeit, write_markdown)
+from _common import (enforce_error, environment, interleaved, kitti_searched, page_arg, page_path, positive_int,
+                     real_scene, real_sweeps, street_scene, timeit, write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import _engine  # noqa: E402
@@ -268,7 +268,7 @@ def isa_builds(repeats: int, widths=None) -> list[str]:
     (``widths``: the k=3 widths instead of 64 and 128, the k=1 rows left out)."""
     sweeps = real_sweeps()
     if "kitti-raw/000049" not in sweeps:
-        return ["(the KITTI sweep ../shared/datasets/kitti-raw/000049.bin is not here)"]
+        return [f"(the KITTI sweep {kitti_searched()} is not here)"]
     coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
     nt, isas = torch.get_num_threads(), ps._ext.core.runnable_isas()
     bf16 = bool(ps._ext.core.conv_bf16())

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from _common import enforce_error, environment, positive_int, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import (enforce_error, environment, kitti_searched, positive_int, real_scene, real_sweeps, results_path,
+                     street_scene, write_markdown)
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
@@ -275,7 +276,7 @@ def main() -> int:
         series["KITTI 000049"] = points
         notes += [_amc_note("KITTI 000049", search)] if search else []
     elif "kitti" in args.scenes:
-        tables.append("KITTI raw 000049: not present (../shared/datasets/kitti-raw/000049.bin), skipped")
+        tables.append(f"KITTI raw 000049: not present ({kitti_searched()}), skipped")
     stem = "prune_speed" if len(set(args.scenes)) == len(SCENES) else f"prune_speed_{args.scenes[0]}"
     if series:
         plot(series, results_path(f"{stem}.png", args.quick))

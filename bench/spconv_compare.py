@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from _common import enforce_error, environment, positive_int, real_sweeps, results_path, write_markdown
+from _common import enforce_error, environment, kitti_searched, positive_int, real_sweeps, results_path, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
         p.error("--part is required (layer or net) unless --quick")
     sweeps = real_sweeps()
     if spconv is None or SWEEP not in sweeps:
-        print("skipped: " + ("spconv is not installed" if spconv is None else f"{SWEEP} is absent"))
+        print("skipped: " + ("spconv is not installed" if spconv is None else f"{kitti_searched()} is absent"))
         return 0
     torch.set_num_threads(args.threads)
     points = sweeps[SWEEP][: len(sweeps[SWEEP]) // 8] if args.quick else sweeps[SWEEP]

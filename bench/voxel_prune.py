@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS_DIR, environment, interleaved, kitti_path, positive_int, write_markdown
+from _common import RESULTS_DIR, environment, interleaved, kitti_path, kitti_searched, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse.app import metrics
@@ -184,7 +184,7 @@ def timed_scan(args):
         return scan, f"a held-out generated scan of {len(scan):,} voxels at {voxel} m"
     path = kitti_path()
     if path is None:
-        return None, "--time-sweep needs ../shared/datasets/kitti-raw/000049.bin, which is absent; nothing timed"
+        return None, f"--time-sweep needs {kitti_searched()}, which is absent; nothing timed"
     voxel = args.time_voxel_size or 0.05
     scan = Batch.of([voxelize_sample(read_cloud(path), voxel, 255)]).input
     return scan, f"the KITTI sweep 000049 ({len(scan):,} voxels at {voxel} m)"

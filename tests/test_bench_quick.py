@@ -781,3 +781,29 @@ def test_program_profile_breaks_a_program_down(tmp_path):
     proc = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=env)
     assert proc.returncode != 0 and "program" in proc.stderr and "--quick" in proc.stderr
+
+
+def test_a_datasets_folder_named_is_the_one_searched_and_must_exist(tmp_path, monkeypatch):
+    """With ``POINTSPARSE_DATASETS`` naming a folder without the KITTI sweep,
+    north_star.py and prune_exec.py said '../shared/datasets/kitti-raw/000049.bin
+    is absent' (not the folder searched); one naming no folder fell back to
+    ../shared/datasets in silence (a page of other data than the one named).
+    The message names the path searched now, and a missing folder is exit 2
+    naming it (the tests' fixture skips, naming it, rather than fall back)."""
+    import conftest
+
+    empty, absent = tmp_path / "empty", tmp_path / "absent"
+    empty.mkdir()
+    for name, argv in (("north_star", ["--quick"]), ("prune_exec", [])):
+        for folder in (empty, absent):
+            proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / f"{name}.py"), *argv], capture_output=True,
+                                  text=True, timeout=120, cwd=tmp_path,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_DATASETS=str(folder)))
+            if folder == empty:
+                assert proc.returncode == 0, (name, proc.stderr[-2000:])
+                assert f"{name}: {empty / 'kitti-raw' / '000049.bin'} is absent; nothing measured" in proc.stdout
+            else:
+                assert proc.returncode == 2 and "nothing measured" not in proc.stdout, (name, proc.stdout)
+                assert f"POINTSPARSE_DATASETS={str(absent)!r} is not a folder" in proc.stderr, proc.stderr[-2000:]
+    monkeypatch.setenv("POINTSPARSE_DATASETS", str(absent))
+    assert conftest.find_datasets() is None and conftest.datasets_folders() == [absent]
