@@ -858,3 +858,26 @@ def test_out_puts_the_page_and_what_goes_beside_it_where_named(tmp_path):
     proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "spconv_compare.py"), "--quick", "--out",
                            str(folder / "s.md")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "--out names one part's page" in proc.stderr
+
+
+def test_program_profile_says_on_stdout_that_it_fell_back_to_a_street(tmp_path):
+    """bench/program_profile.py FILE.pt2 without the KITTI sweep profiles a
+    generated street and said so on its page alone: the run's output read as
+    the sweep's. It says so on stdout too, naming the path searched."""
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        from program_profile import small_program
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    program = small_program(tmp_path, voxel_size=0.4)
+    empty = tmp_path / "datasets"
+    empty.mkdir()
+    page = tmp_path / "profile.md"
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "program_profile.py"), str(program),
+                           "--voxel-size", "0.4", "--calls", "1", "--out", str(page)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_DATASETS=str(empty)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = (f"program_profile: {empty / 'kitti-raw' / '000049.bin'} is absent; profiling a generated street of 20k "
+            "voxels instead")
+    assert said in proc.stdout and "a generated street of 20k voxels at 0.4 m" in page.read_text()
