@@ -80,8 +80,10 @@ def test_quick_runs_end_to_end_and_leave_the_results_alone(tmp_path, monkeypatch
 
 
 def test_quick_without_its_checkpoint_says_so_and_exits_0(tmp_path):
+    """(bench/voxel_prune.py refuses a missing checkpoint now: exit 2,
+    test_voxel_prune_errors_exit_2_and_its_paths_do_not_depend_on_the_folder.)"""
     absent = tmp_path / "absent" / "checkpoint.pt"
-    for name in ("prune_finetune", "voxel_prune"):
+    for name in ("prune_finetune",):
         proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / f"{name}.py"), "--quick", "--checkpoint",
                                str(absent)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
@@ -881,3 +883,109 @@ def test_program_profile_says_on_stdout_that_it_fell_back_to_a_street(tmp_path):
     said = (f"program_profile: {empty / 'kitti-raw' / '000049.bin'} is absent; profiling a generated street of 20k "
             "voxels instead")
     assert said in proc.stdout and "a generated street of 20k voxels at 0.4 m" in page.read_text()
+
+
+def _voxel_prune():
+    import importlib
+
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        return importlib.import_module("voxel_prune")
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+
+
+def test_voxel_prune_errors_exit_2_and_its_paths_do_not_depend_on_the_folder(tmp_path):
+    """bench/voxel_prune.py exited 0 on a missing checkpoint and on a --report
+    of a folder without the unpruned run (the message on stdout): both are
+    exit 2 now, the message on stderr, before anything is trained. A
+    --time-sweep without the sweep measures nothing and exits 0, as
+    north_star.py, naming the path searched. The default --checkpoint
+    (runs/demo/checkpoint.pt) and --out were read from the folder the script
+    ran in: they are in the repository now."""
+    vp = _voxel_prune()
+    defaults = vp.build_parser().parse_args([])
+    assert defaults.checkpoint == ROOT / "runs" / "demo" / "checkpoint.pt"
+    assert defaults.out == ROOT / "runs" / "voxel-prune"
+    script, checkpoint, empty = str(benchmark.BENCH_DIR / "voxel_prune.py"), tmp_path / "ckpt.pt", tmp_path / "data"
+    checkpoint.write_bytes(b"")
+    empty.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_DATASETS=str(empty))
+
+    def run(*argv):
+        return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env=env)
+
+    absent = tmp_path / "absent" / "checkpoint.pt"
+    proc = run("--quick", "--checkpoint", str(absent))
+    assert proc.returncode == 2 and f"--checkpoint: {absent} does not exist" in proc.stderr, proc.stderr[-2000:]
+    runs = tmp_path / "runs"
+    for argv in (["--report"], ["--report", "--variant", "voxelprune"]):
+        proc = run(*argv, "--checkpoint", str(checkpoint), "--out", str(runs))
+        assert proc.returncode == 2 and f"{runs / 'unpruned'} holds no run" in proc.stderr, proc.stderr[-2000:]
+    assert not runs.exists()
+    (runs / "unpruned").mkdir(parents=True)
+    (runs / "unpruned" / "weights.pt").write_bytes(b"")
+    proc = run("--report", "--time-sweep", "--checkpoint", str(checkpoint), "--out", str(runs))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"--time-sweep needs {empty / 'kitti-raw' / '000049.bin'}, which is absent; nothing measured" in proc.stdout
+
+
+def _fake_runs(folder, records: dict) -> None:
+    """result.json (and an empty weights.pt) of each run ``(variant, seed) -> record`` under ``folder``."""
+    for (variant, seed), record in records.items():
+        run = (folder / f"seed-{seed}" if seed else folder) / variant
+        run.mkdir(parents=True)
+        (run / "weights.pt").write_bytes(b"")
+        (run / "result.json").write_text(json.dumps({"miou": 0.5, "finetune_s": 1.0, **record}))
+
+
+def test_voxel_prune_report_describes_the_runs_as_they_were_fine_tuned(tmp_path, monkeypatch):
+    """bench/voxel_prune.py --report wrote its summary and Command line from
+    its own options: runs fine-tuned with --quick (4 steps, 1 held-out scene)
+    read as 'fine-tuned 120 steps ... on 4 held-out scenes'. Each run records
+    its fine-tuning in result.json now; the page gives the runs' values,
+    says where they differ (run by run) and marks what older runs did not
+    record; the models timed are rebuilt with the keep the runs recorded."""
+    import torch
+
+    vp = _voxel_prune()
+    args = vp.build_parser().parse_args(["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "page.md"),
+                                         "--rounds", "1"])
+    # run_variant records how it fine-tuned
+    quick = vp.build_parser().parse_args(["--out", str(tmp_path / "runs"), "--checkpoint", "c.pt", "--steps", "4",
+                                          "--val-scenes", "1", "--keep", "0.3", "--variant", "unpruned"])
+    monkeypatch.setattr(vp, "build", lambda args, variant: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(vp, "finetune", lambda model, args: 1.0)
+    monkeypatch.setattr(vp, "evaluate", lambda model, args: 0.5)
+    vp.run_variant(quick)
+    record = json.loads((tmp_path / "runs" / "unpruned" / "result.json").read_text())
+    assert record == {"miou": 0.5, "finetune_s": 1.0, "seed": 0, "checkpoint": "c.pt", "steps": 4, "batch": 2,
+                      "lr": 1e-3, "scenes": 24, "val_scenes": 1, "voxel_size": 0.2, "max_range": 35.0, "keep": 0.3,
+                      "stages": [0, 1, 2], "skip_stages": [0, 1, 2]}
+    same = {k: v for k, v in record.items() if k not in ("miou", "finetune_s")}
+    _fake_runs(tmp_path / "runs", {("voxelprune", 0): same, ("unpruned", 1): same, ("voxelprune", 1): same})
+    built = []
+    monkeypatch.setattr(vp, "build", lambda args, variant: built.append((variant, args.keep)) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(vp, "load_weights", lambda model, path: None)
+    monkeypatch.setattr(vp, "timed_scan", lambda args: ("scan", "a scan"))
+    monkeypatch.setattr(vp, "time_variants", lambda models, scan, rounds: {"encoder": 1.0, **{v: 2.0 for v in models}})
+    monkeypatch.setattr(vp, "environment", lambda: {})
+    vp.report(args)
+    text = (tmp_path / "page.md").read_text()
+    assert "c.pt: MinkUNet fine-tuned 4 steps of 2 scans each" in text and "on 1 held-out scenes." in text
+    assert "VoxelPrune(0.3)" in text and "120 steps" not in text and "differ" not in text
+    assert built == [("unpruned", 0.3), ("voxelprune", 0.3)]
+    command = next(line for line in text.splitlines() if line.startswith("Command: `"))
+    assert "--steps 4 " in command and "--val-scenes 1 " in command and "--keep 0.3 " in command
+    # runs fine-tuned otherwise, and a run made before result.json recorded more than its steps
+    (tmp_path / "runs" / "seed-1" / "voxelprune" / "result.json").write_text(json.dumps(
+        {"miou": 0.5, "finetune_s": 1.0, **same, "steps": 120}))
+    (tmp_path / "runs" / "seed-1" / "unpruned" / "result.json").write_text(json.dumps(
+        {"miou": 0.5, "finetune_s": 1.0, "steps": 4}))
+    vp.report(args)
+    text = (tmp_path / "page.md").read_text()
+    assert "fine-tuned 4/120 steps of 2/? scans each" in text
+    assert ("The runs differ in how they were fine-tuned: --steps 4 (unpruned seed 0), 4 (unpruned seed 1), "
+            "4 (voxelprune seed 0), 120 (voxelprune seed 1).") in text
+    assert "?: not recorded by runs made before result.json recorded it (--checkpoint, --batch," in text
