@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: timing, environment, generated scenes of
-a target voxel count, and the real sweeps in ../shared/datasets."""
+a target voxel count, and the real sweeps in ../shared/datasets (or the folder
+``$POINTSPARSE_DATASETS`` names)."""
 
 from __future__ import annotations
 
@@ -108,17 +109,45 @@ def page_path(out, default: str, quick: bool = False) -> Path:
     return Path(out) if os.path.dirname(str(out)) else results_path(str(out), quick)
 
 
+KITTI_SWEEP = Path("kitti-raw") / "000049.bin"
+
+
+def datasets_folders() -> list[Path]:
+    """The folders searched for the real datasets, in order: the one
+    ``$POINTSPARSE_DATASETS`` names alone where it is set, else
+    ``../shared/datasets`` beside the checkout and ``/work/shared/datasets``."""
+    given = os.environ.get("POINTSPARSE_DATASETS", "")
+    if given:
+        return [Path(given)]
+    return [ROOT.parent / "shared" / "datasets", Path("/work/shared/datasets")]
+
+
 def datasets_dir() -> Path | None:
-    for c in (os.environ.get("POINTSPARSE_DATASETS"), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"):
-        if c and Path(c).is_dir():
-            return Path(c)
-    return None
+    """The first of :func:`datasets_folders` that exists, None when none
+    does. A ``$POINTSPARSE_DATASETS`` naming no folder is an error (exit 2,
+    naming it, on stderr): it fell back to ../shared/datasets in silence, and
+    a page then measured other data than the variable named."""
+    given = os.environ.get("POINTSPARSE_DATASETS", "")
+    if given and not Path(given).is_dir():
+        print(f"POINTSPARSE_DATASETS={given!r} is not a folder (unset it to search ../shared/datasets)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return next((folder for folder in datasets_folders() if folder.is_dir()), None)
+
+
+def kitti_searched() -> str:
+    """Where the KITTI sweep was looked for, for a message saying it is
+    absent: its path in the datasets folder found, else in each folder
+    searched (the messages named ../shared/datasets whatever
+    ``$POINTSPARSE_DATASETS`` said)."""
+    root = datasets_dir()
+    return " or ".join(str(folder / KITTI_SWEEP) for folder in ([root] if root is not None else datasets_folders()))
 
 
 def kitti_path() -> Path | None:
     """The KITTI raw sweep 000049 (float32 x, y, z, intensity), None when absent."""
     root = datasets_dir()
-    path = None if root is None else root / "kitti-raw" / "000049.bin"
+    path = None if root is None else root / KITTI_SWEEP
     return path if path is not None and path.is_file() else None
 
 

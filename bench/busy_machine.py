@@ -5,7 +5,7 @@ meanwhile. On a 2-core machine a 2-thread call then shares the cores with the
 competitor: it must not collapse (a parallel region whose second thread is
 descheduled waits a whole time slice at each barrier).
 
-    flock /work/cpu.lock .venv/bin/python bench/busy_machine.py [--repeats 21] [--quick]
+    flock /work/cpu.lock .venv/bin/python bench/busy_machine.py [--repeats 21] [--out PAGE.md] [--quick]
 
 Medians of interleaved repeats (1 thread, 2 threads, in turn); keys from the
 KITTI sweep's points quantised at 0.05 m (a generated street when absent).
@@ -94,10 +94,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=positive_int, default=None, help="interleaved repeats (default 21, --quick 3)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, 3 repeats")
-    p.add_argument("--output", type=page_arg, default=None, help="default bench/results/busy_machine.md")
+    p.add_argument("--out", "--output", dest="out", type=page_arg, default=None,
+                   help="the page (default bench/results/busy_machine.md); --output: the same (its older name)")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 21)
-    output = page_path(args.output, "busy_machine.md", args.quick)
+    output = page_path(args.out, "busy_machine.md", args.quick)
     data = inputs(args.quick)
     fns = cases(data)
     for fn in fns.values():  # warm up, and check 1 and 2 threads agree

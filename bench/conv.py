@@ -4,7 +4,7 @@ spconv's CPU build; effective GFLOP/s and the fraction of the torch.mm rate
 measured in the same run.
 
     flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py [--quick] [--tune]
-    flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py --parts --output bench/results/conv_parts.md
+    flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py --parts --out bench/results/conv_parts.md
 
 The engine (fused) and the grouped method (bench/_grouped.py: torch gather,
 mm/bmm, index_add_ scatter; it left the package) are both timed.
@@ -22,8 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from _common import (enforce_error, environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
-                     street_scene, timeit, write_markdown)
+from _common import (enforce_error, environment, interleaved, kitti_searched, page_arg, page_path, positive_int,
+                     real_scene, real_sweeps, street_scene, timeit, write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import _engine  # noqa: E402
@@ -268,7 +268,7 @@ def isa_builds(repeats: int, widths=None) -> list[str]:
     (``widths``: the k=3 widths instead of 64 and 128, the k=1 rows left out)."""
     sweeps = real_sweeps()
     if "kitti-raw/000049" not in sweeps:
-        return ["(the KITTI sweep ../shared/datasets/kitti-raw/000049.bin is not here)"]
+        return [f"(the KITTI sweep {kitti_searched()} is not here)"]
     coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
     nt, isas = torch.get_num_threads(), ps._ext.core.runnable_isas()
     bf16 = bool(ps._ext.core.conv_bf16())
@@ -318,12 +318,13 @@ def main() -> None:
                         help="with --isa: these k=3 widths only (e.g. 8 16 24 32 40: the column tails)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=None)
-    parser.add_argument("--output", type=page_arg, default=None,
-                        help="default bench/results/conv.md (--quick: a temporary folder)")
+    parser.add_argument("--out", "--output", dest="out", type=page_arg, default=None,
+                        help="the page (default bench/results/conv.md; --quick: a temporary folder); --output: "
+                             "the same (its older name)")
     args = parser.parse_args()
     if args.widths and not args.isa:
         parser.error("--widths: the k=3 widths of --isa's page; without --isa nothing reads them")
-    args.output = str(page_path(args.output, "conv.md", args.quick))
+    args.out = str(page_path(args.out, "conv.md", args.quick))
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 3
     env = environment()
@@ -359,7 +360,7 @@ def main() -> None:
                  "`ConvPlan` and bench/_grouped.py's steps, both built once per map; kernels: the fused C++ "
                  "calls alone on preallocated outputs (no autograd, no allocation), medians over the repeats.")
     cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + shlex.join(sys.argv[1:])
-    write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,
+    write_markdown(__import__("pathlib").Path(args.out), "Sparse convolution (bench/conv.py)", cmd.strip(), env,
                    tables, notes)
 
 

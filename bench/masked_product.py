@@ -28,8 +28,8 @@ import sys
 
 import torch
 
-from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
-                     street_scene, write_markdown)
+from _common import (environment, interleaved, kitti_searched, page_arg, page_path, positive_int, real_scene,
+                     real_sweeps, street_scene, write_markdown)
 from prune_exec import core_forward
 
 import pointsparse as ps
@@ -97,7 +97,7 @@ def main() -> None:
     else:
         sweeps = real_sweeps()
         if "kitti-raw/000049" not in sweeps:
-            print("masked_product: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
+            print(f"masked_product: {kitti_searched()} is absent; nothing measured")
             return
         coords, scene = real_scene(sweeps["kitti-raw/000049"], 0.05), "kitti-raw/000049 @ 0.05 m"
     tables = [table(c, args.amount, coords, rounds) for c in channels]

@@ -1,12 +1,13 @@
 """Memory over a long MinkUNet training loop: the resident set size (RSS)
 must stay flat (within 5%) from step 50 to the last step.
 
-    python bench/memory.py [--steps 1000] [--threads 1] [--quick]
+    python bench/memory.py [--steps 1000] [--threads 1] [--out PAGE.md] [--quick]
 
 Each step trains on a freshly generated street scene (new coordinates, so new
 kernel maps and plans every step, as in real training) with AdamW and the
 cross-entropy loss; RSS is read from /proc/self/status every 50 steps and
-written to bench/results/memory.md."""
+written to bench/results/memory.md (``--out``: that page; ``--quick``: a
+temporary folder)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, positive_int, results_path, write_markdown
+from _common import environment, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse.data import OUTDOOR_CLASSES, outdoor_scene
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--cr", type=float, default=0.5)
     parser.add_argument("--voxel-size", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/memory.md)")
     args = parser.parse_args()
     if args.steps is not None and args.steps < 50:
         parser.error(f"--steps: at least 50 (the RSS at step 50 is the baseline the growth is measured from); "
@@ -85,7 +87,7 @@ def main() -> None:
     summary = (f"MinkUNet cr={args.cr}, generated streets at {args.voxel_size} m, {min(voxels)}-{max(voxels)} "
                f"voxels, AdamW; {time.perf_counter() - t0:.0f} s. RSS at step 50: {at50:.1f} MB; at step "
                f"{samples[-1][0]}: {last:.1f} MB; growth {100 * growth:+.2f}% (target: within 5%)")
-    write_markdown(results_path("memory.md", args.quick), "Memory over a MinkUNet training loop",
+    write_markdown(page_path(args.out, "memory.md", args.quick), "Memory over a MinkUNet training loop",
                    "python bench/memory.py " + shlex.join(sys.argv[1:]), environment(),
                    [summary, "| step | RSS (MB) | loss |\n|---|---|---|\n" + rows])
     print(f"RSS {at50:.1f} MB at step 50 -> {last:.1f} MB at step {samples[-1][0]} ({100 * growth:+.2f}%)")

@@ -4,7 +4,8 @@ cores, within 2 mIoU of the unpruned network.
 
     flock /work/cpu.lock python bench/north_star.py [--rounds 5] [--threads 2]
 
-On KITTI raw 000049 (skipped cleanly when ../shared/datasets lacks it):
+On KITTI raw 000049 (skipped cleanly when ../shared/datasets, or the folder
+``$POINTSPARSE_DATASETS`` names, lacks it):
 MinkUNet(4, 19, cr=1.0) (seeded random weights: no trained full-width
 model exists here) at full width and with what the toolkit gives, step by
 step: channel pruning through the dependency graph (``prune.graph``, every
@@ -61,7 +62,8 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, page_arg, page_path, positive_int, quick_defaults, real_sweeps, write_markdown
+from _common import (environment, kitti_searched, page_arg, page_path, positive_int, quick_defaults, real_sweeps,
+                     write_markdown)
 from prune_speed import _variants
 from voxel_prune import add_voxel_prune
 
@@ -307,7 +309,7 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
     if "kitti-raw/000049" not in real_sweeps():
-        print("north_star: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
+        print(f"north_star: {kitti_searched()} is absent; nothing measured")
         return
     torch.set_num_threads(args.threads)
     if args.reuse_memory and not ps.reuse_freed_memory(True):

@@ -3,14 +3,14 @@ whether the grouped method (gather, torch mm/bmm per group of offsets,
 scatter-add) earns a place beside the fused engine. It did not, and left the
 package: the grouped method timed here is bench/_grouped.py's pure-torch form.
 
-    flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py [--repeats 9] [--quick]
+    flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py [--repeats 9] [--out PAGE.md] [--quick]
 
 On the KITTI sweep at 0.05 m (a generated 100k street when absent): for the
 submanifold k=3 and strided k=2 s=2 maps, the map build, the fused plan and
 the grouped plan (interleaved medians); then the conv with each method,
 forward and forward+backward at C = 64 and 128, outputs checked equal to
 float rounding (and the gradients) first. Writes bench/results/plan_grouped.md
-(``--quick``: a 20k generated street, C = 64 only, 2 repeats, the page in a
+(or ``--out``; ``--quick``: a 20k generated street, C = 64 only, 2 repeats, the page in a
 temporary folder).
 """
 
@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from _common import (environment, interleaved, positive_int, real_scene, real_sweeps, results_path, street_scene,
-                     write_markdown)
+from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
+                     street_scene, write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=positive_int, default=None, help="interleaved repeats (default 9, --quick 2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, C = 64, 2 repeats")
+    p.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/plan_grouped.md)")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 9)
     sweeps = {} if args.quick else real_sweeps()
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
               "\n".join(method_rows(coords, repeats, (64,) if args.quick else (64, 128)))]
     cmd = "flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py " + shlex.join(sys.argv[1:] if argv is None
                                                                                       else argv)
-    output = results_path("plan_grouped.md", args.quick)
+    output = page_path(args.out, "plan_grouped.md", args.quick)
     write_markdown(output, f"Plan cost and the grouped method ({scene}, {len(coords)} voxels)",
                    cmd, environment() | {"isa": _ext.core.conv_isa()}, tables)
     print(f"written {output}")

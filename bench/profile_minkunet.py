@@ -4,7 +4,7 @@ ReLU, concatenation, residual adds, classifier, loss and optimizer, for
 inference (``model.eval()`` and ``nn.fuse_for_inference``) and a training
 step (forward and backward).
 
-    flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py [--cr 1.0] [--rounds 3] [--quick]
+    flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py [--cr 1.0] [--rounds 3] [--out PAGE.md] [--quick]
 
 Forward times are exclusive wall times taken by wrapping each module's
 forward and the engine's map and plan builders (a conv's time excludes the
@@ -14,7 +14,7 @@ likewise (its kind known from the forward that made it); the other autograd
 nodes come from ``torch.profiler`` (their CPU time), and the rest of the
 backward's wall time is the autograd engine's own work. Medians over rounds;
 one cloud per call, maps built anew every call. Writes
-bench/results/profile_minkunet.md (``--quick``: a 20k generated street, one
+bench/results/profile_minkunet.md (or ``--out``; ``--quick``: a 20k generated street, one
 round after the warm-up, the page in a temporary folder). ``--north-star``:
 a column more, the inference of bench/north_star.py's fastest model (keep
 0.25 + fuse + pair vectors 75% + bf16), page profile_minkunet_north_star.md.
@@ -33,7 +33,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from _common import environment, positive_int, real_sweeps, results_path, street_points, write_markdown
+from _common import environment, page_arg, page_path, positive_int, real_sweeps, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -247,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--north-star", action="store_true",
                    help=f"a column more: '{NORTH_STAR}' (bench/north_star.py's keep 0.25 + fuse + pair vectors "
                         "75%% + bf16 model); the page is profile_minkunet_north_star.md")
+    p.add_argument("--out", type=page_arg, default=None,
+                   help="the page (default bench/results/profile_minkunet.md, or profile_minkunet_north_star.md)")
     args = p.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
@@ -276,7 +278,8 @@ def main(argv=None) -> int:
     title = f"MinkUNet cr={args.cr} per-op profile ({name} @ {VOXEL} m, {args.threads} threads)"
     args_given = sys.argv[1:] if argv is None else argv
     command = "flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py " + shlex.join(args_given)
-    output = results_path("profile_minkunet_north_star.md" if args.north_star else "profile_minkunet.md", args.quick)
+    output = page_path(args.out, "profile_minkunet_north_star.md" if args.north_star else "profile_minkunet.md",
+                       args.quick)
     write_markdown(output, title, command, environment() | {"isa": _ext.core.conv_isa()}, [text])
     print(f"written {output}")
     return 0

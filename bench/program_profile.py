@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import environment, kitti_path, page_arg, page_path, positive_int, quick_defaults, street_points, \
-    write_markdown
+from _common import (environment, kitti_path, kitti_searched, page_arg, page_path, positive_int, quick_defaults,
+                     street_points, write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import kmap as _kmap  # noqa: E402
@@ -45,7 +45,9 @@ from pointsparse.nn import _engine  # noqa: E402
 
 
 def sweep_input(model, voxel_size: float, quick: bool) -> tuple[ps.SparseTensor, str]:
-    """The program's input: the sweep voxelized as ``predict`` voxelizes it."""
+    """The program's input: the sweep voxelized as ``predict`` voxelizes it
+    (a generated street with ``quick``, and where the sweep is absent: said
+    on stdout too, not on the page alone)."""
     from pointsparse.app.scoring import feats_dtype
     from pointsparse.data.readers import read_cloud
     from pointsparse.data.transforms import voxelize_sample
@@ -58,6 +60,8 @@ def sweep_input(model, voxel_size: float, quick: bool) -> tuple[ps.SparseTensor,
         sample = Sample(xyz=points[:, :3].astype("float32"), labels=None,  # (no intensity made: a middle one)
                         intensity=np.full((len(points), 1), 0.5, dtype=np.float32), name="a generated street")
         name = "a generated street of 20k voxels"
+        if not quick:
+            print(f"program_profile: {kitti_searched()} is absent; profiling {name} instead")
     else:
         sample, name = read_cloud(path, None, -1), "KITTI raw 000049"
     v = voxelize_sample(sample, voxel_size, -1)

@@ -9,17 +9,19 @@
    takes.
 
 Correctness first: every mask is checked for its structure before timing.
-Run: .venv/bin/python bench/prune.py [--quick]"""
+Run: .venv/bin/python bench/prune.py [--out PAGE.md] [--quick]; the page is
+bench/results/prune.md (or ``--out``; ``--quick``: a temporary folder)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
 from torch import nn
 
-from _common import RESULTS_DIR, environment, street_scene, timeit, write_markdown
+from _common import environment, page_arg, page_path, street_scene, timeit, write_markdown
 
 import pointsparse as ps
 import pointsparse.prune as prune
@@ -111,6 +113,7 @@ def flops_table(num_voxels, channels, repeats):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/prune.md)")
     args = parser.parse_args()
     c, repeats = (32, 3) if args.quick else (64, 7)
     shapes = [
@@ -120,15 +123,16 @@ def main() -> int:
     tables = ["## Mask computation\n\n" + mask_table(shapes, repeats)]
     tables.append("## FLOPs of a pruned sparse net (kernel-map counts)\n\n" + flops_table(
         5000 if args.quick else 40000, 16 if args.quick else 32, 1 if args.quick else 3))
-    command = "flock /tmp/ps-heavy.lock .venv/bin/python bench/prune.py" + (" --quick" if args.quick else "")
+    command = "flock /tmp/ps-heavy.lock .venv/bin/python bench/prune.py " + shlex.join(sys.argv[1:])
     notes = (
         "Numbers taken on a shared 2-core machine under load from other jobs; ratios are within one run. "
         "FLOPs are exact counts (2 * sum over offsets of pairs(o) * nnz(W[o])), not timings."
     )
     for table in tables:
         print(table, "\n")
-    if not args.quick:
-        write_markdown(RESULTS_DIR / "prune.md", "Pruning toolkit", command, environment(), tables, notes)
+    output = page_path(args.out, "prune.md", args.quick)
+    write_markdown(output, "Pruning toolkit", command.strip(), environment(), tables, notes)
+    print(f"written {output}")
     return 0
 
 

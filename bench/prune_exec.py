@@ -48,8 +48,8 @@ import time
 import numpy as np
 import torch
 
-from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
-                     street_scene, write_markdown)
+from _common import (environment, interleaved, kitti_searched, page_arg, page_path, positive_int, real_scene,
+                     real_sweeps, street_scene, write_markdown)
 
 import pointsparse as ps
 from pointsparse import prune
@@ -465,7 +465,7 @@ def main() -> None:
                                 else ["sparsity", "spatial"])
     sweeps = {} if args.quick else real_sweeps()
     if not args.quick and "kitti-raw/000049" not in sweeps:
-        print("prune_exec: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
+        print(f"prune_exec: {kitti_searched()} is absent; nothing measured")
         return
     torch.set_num_threads(args.threads)
     scene = "generated street 20k @ 0.05 m" if args.quick else "kitti-raw/000049 @ 0.05 m"

@@ -1,7 +1,7 @@
 """Experiments for the pruning procedures (issue 8): does each do what its
 paper claims, at this small scale?
 
-    python bench/prune_procedures.py [--quick] [--only schedule,lottery,...] [--scene]
+    python bench/prune_procedures.py [--quick] [--only schedule,lottery,...] [--scene] [--out PAGE.md]
 
 Sections: sensitivity, schedule (iterative vs one-shot), lottery (tickets,
 controls, rewinding), init (SNIP/GraSP/SynFlow and RigL vs dense and random),
@@ -9,7 +9,9 @@ amc (learned vs uniform ratios at equal FLOPs), netadapt (latency budget,
 measured again). Digits sections need the optional scikit-learn and are
 skipped without it; ``--scene`` adds the generated-scene sparse-conv runs.
 Results: bench/results/prune_procedures.md (+ .json with every number) and
-bench/results/prune_*.png (``--quick``: all in a temporary folder). One torch thread (tiny models; the machine is
+bench/results/prune_*.png (``--out PAGE.md``: the page there, PAGE.json and
+the plots beside it; ``--quick``: all in a temporary folder). Sections run
+before are kept from the .json. One torch thread (tiny models; the machine is
 shared)."""
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, environment, results_path
+from _common import RESULTS_DIR, environment, page_arg, page_path
 
 from pointsparse.app import procedures as P
 from pointsparse.app import tasks as T
@@ -439,6 +441,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=",".join(SECTIONS[:-1]), help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--scene", action="store_true", help="also run the generated-scene sparse-conv experiments")
+    ap.add_argument("--out", type=page_arg, default=None,
+                    help="the page (default bench/results/prune_procedures.md); PAGE.json and the plots beside it")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     only = [s for s in args.only.split(",") if s]
@@ -448,8 +452,9 @@ def main(argv=None) -> int:
     if not have_sklearn():
         print("scikit-learn is not installed: the digits experiments are skipped (pip install scikit-learn)")
         return 0
-    store = results_path("prune_procedures.json", args.quick)  # --quick: a temporary folder
-    folder, q = store.parent, args.quick
+    page = page_path(args.out, "prune_procedures.md", args.quick)  # --quick: a temporary folder
+    store, folder, q = page.with_suffix(".json"), page.parent, args.quick
+    folder.mkdir(parents=True, exist_ok=True)
     data = json.loads(store.read_text()) if store.exists() else {}
     fns = {"sensitivity": lambda: run_sensitivity(q, folder), "schedule": lambda: run_schedule(q, folder, args.scene),
            "lottery": lambda: run_lottery(q, folder), "init": lambda: run_init(q, folder),
@@ -463,8 +468,8 @@ def main(argv=None) -> int:
         data["_env"] = environment()
         store.write_text(json.dumps(data, indent=1, default=str))
     command = "python bench/prune_procedures.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    (folder / "prune_procedures.md").write_text(render(data, command.strip()) + "\n")
-    print(f"written {folder / 'prune_procedures.md'}")
+    page.write_text(render(data, command.strip()) + "\n")
+    print(f"written {page}")
     return 0
 
 

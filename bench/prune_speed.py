@@ -9,7 +9,8 @@ cut model's output is checked against the dense model with the same channels
 masked.
 
 Run on a quiet machine: ``python bench/prune_speed.py --repeats 5`` (tables in
-bench/results/prune_speed.md, the plot in bench/results/prune_speed.png).
+bench/results/prune_speed.md, the plot in bench/results/prune_speed.png;
+``--out PAGE.md``: the page there, the plot beside it as PAGE.png).
 ``--quick``: a 5k generated street, keep 0.5 only, one repeat, no KITTI, the
 page and plot in a temporary folder."""
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import statistics
 import time
 
 import torch
 
-from _common import enforce_error, environment, positive_int, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import (enforce_error, environment, kitti_searched, page_arg, page_path, positive_int, real_scene,
+                     real_sweeps, street_scene, write_markdown)
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
@@ -252,6 +255,9 @@ def main() -> int:
     parser.add_argument("--scenes", nargs="+", choices=SCENES, default=None,
                         help="which scenes (one alone writes prune_speed_SCENE.md/.png, both prune_speed.md/.png; "
                              "--quick: generated only)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page (default bench/results/prune_speed.md, prune_speed_SCENE.md for one scene); "
+                             "the plot beside it, as PAGE.png")
     args = parser.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.voxels = args.voxels or (5_000 if args.quick else 30_000)
@@ -275,22 +281,23 @@ def main() -> int:
         series["KITTI 000049"] = points
         notes += [_amc_note("KITTI 000049", search)] if search else []
     elif "kitti" in args.scenes:
-        tables.append("KITTI raw 000049: not present (../shared/datasets/kitti-raw/000049.bin), skipped")
+        tables.append(f"KITTI raw 000049: not present ({kitti_searched()}), skipped")
     stem = "prune_speed" if len(set(args.scenes)) == len(SCENES) else f"prune_speed_{args.scenes[0]}"
+    output = page_path(args.out, f"{stem}.md", args.quick)
     if series:
-        plot(series, results_path(f"{stem}.png", args.quick))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        plot(series, output.with_suffix(".png"))
     notes = ["Every coupled channel group of the dependency graph is cut to the keep ratio (channels of lowest "
              "summed magnitude over the group), rounded to the multiple in brackets. Times are medians of "
              "interleaved repeats; ratios are within this run. 'cut vs masked': max |cut - masked| / max |masked| "
              "of the outputs, the masked model being the dense one with the same channels zeroed; checked before "
              f"timing, at most {TOLERANCE:g} (a larger one stops the run). Plot: "
-             f"{stem}.png."] + notes
-    output = results_path(f"{stem}.md", args.quick)
+             f"{output.with_suffix('.png').name}."] + notes
     write_markdown(output, "Pruning through the dependency graph: MinkUNet cr=1.0",
                    f"python bench/prune_speed.py --repeats {args.repeats} --voxels {args.voxels} --threads "
                    f"{args.threads} --amc-episodes {args.amc_episodes} --amc-warmup {args.amc_warmup} --scenes "
                    f"{' '.join(args.scenes)}"
-                   + (" --quick" if args.quick else ""),
+                   + (" --quick" if args.quick else "") + (f" --out {shlex.quote(args.out)}" if args.out else ""),
                    environment(), tables, "\n\n".join(notes))
     print(f"written {output}")
     return 0

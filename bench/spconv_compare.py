@@ -22,7 +22,8 @@ On the KITTI sweep (kitti-raw/000049 at 0.05 m; skipped when absent):
   The outputs are compared first (eval and train mode, and the gradients of
   one step).
 
-Writes bench/results/spconv_compare_<part>.md. ``--quick`` (both parts unless
+Writes bench/results/spconv_compare_<part>.md (``--out PAGE.md``: that page,
+for the one ``--part`` given). ``--quick`` (both parts unless
 ``--part`` names one): an eighth of the sweep (a contiguous wedge of its
 points), C = 64 only, one round, the outputs still checked, the pages in a
 temporary folder. Without spconv or the sweep the script says so and exits 0.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import statistics
 import sys
 import time
@@ -39,7 +41,8 @@ import time
 import numpy as np
 import torch
 
-from _common import enforce_error, environment, positive_int, real_sweeps, results_path, write_markdown
+from _common import (enforce_error, environment, kitti_searched, page_arg, page_path, positive_int, real_sweeps,
+                     write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -420,8 +423,8 @@ def run_part(part: str, points: np.ndarray, args) -> None:
         title += f", --quick: {len(points)} of the sweep's points"
     env = environment() | {"spconv": getattr(sys.modules.get("spconv"), "__version__", "?"),
                            "pointsparse isa": _ext.core.conv_isa()}
-    cmd = "env PYTHONPATH=$PWD /work/spconv-venv/bin/python " + " ".join(["bench/spconv_compare.py"] + sys.argv[1:])
-    output = results_path(f"spconv_compare_{part}.md", args.quick)
+    cmd = "env PYTHONPATH=$PWD /work/spconv-venv/bin/python " + shlex.join(["bench/spconv_compare.py"] + sys.argv[1:])
+    output = page_path(args.out, f"spconv_compare_{part}.md", args.quick)
     write_markdown(output, title, cmd, env, tables)
     print(f"written {output}")
 
@@ -432,12 +435,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (layer 7, net 3, --quick 1)")
     p.add_argument("--threads", type=positive_int, default=2, help="threads for ours")
     p.add_argument("--quick", action="store_true", help="a smoke run: an eighth of the sweep, C = 64, one round")
+    p.add_argument("--out", type=page_arg, default=None,
+                   help="the page of the --part given (default bench/results/spconv_compare_PART.md)")
     args = p.parse_args(argv)
     if args.part is None and not args.quick:
         p.error("--part is required (layer or net) unless --quick")
+    if args.part is None and args.out:
+        p.error("--out names one part's page: give --part layer or --part net with it")
     sweeps = real_sweeps()
     if spconv is None or SWEEP not in sweeps:
-        print("skipped: " + ("spconv is not installed" if spconv is None else f"{SWEEP} is absent"))
+        print("skipped: " + ("spconv is not installed" if spconv is None else f"{kitti_searched()} is absent"))
         return 0
     torch.set_num_threads(args.threads)
     points = sweeps[SWEEP][: len(sweeps[SWEEP]) // 8] if args.quick else sweeps[SWEEP]

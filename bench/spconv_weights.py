@@ -21,19 +21,20 @@ written with spconv modules (bench/spconv_compare.py, whose outputs agree
 with ours) converts back to its weights exactly. Last, the brute-force
 spconv in tests/test_convert.py (the tests' reference, which needs no
 spconv) against spconv itself (needs pytest; skipped without). Writes
-bench/results/spconv_weights.md (``--quick``: a temporary folder). Exits 1
+bench/results/spconv_weights.md (or ``--out``; ``--quick``: a temporary folder). Exits 1
 on a mismatch; without spconv it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from _common import environment, results_path, write_markdown
+from _common import environment, page_arg, page_path, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import weight_from  # noqa: E402
@@ -244,6 +245,7 @@ def reference_cases() -> list[tuple]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="axes 'xyz' only; the page in a temporary folder")
+    p.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/spconv_weights.md)")
     args = p.parse_args(argv)
     if spconv is None:
         print("skipped: spconv is not installed")
@@ -257,8 +259,8 @@ def main(argv=None) -> int:
         table.append(f"| {name} | {ax} | {text} | {'-' if ok is None else 'yes' if ok else 'NO'} |")
         print(table[-1], flush=True)
     env = environment() | {"spconv": getattr(sys.modules.get("spconv"), "__version__", "?"), "threads": 1}
-    cmd = "env PYTHONPATH=$PWD /work/spconv-venv/bin/python " + " ".join(["bench/spconv_weights.py"] + sys.argv[1:])
-    output = results_path("spconv_weights.md", args.quick)
+    cmd = "env PYTHONPATH=$PWD /work/spconv-venv/bin/python " + shlex.join(["bench/spconv_weights.py"] + sys.argv[1:])
+    output = page_path(args.out, "spconv_weights.md", args.quick)
     write_markdown(output, "weight_from(source='spconv') against spconv", cmd, env, ["\n".join(table)])
     print(f"written {output}")
     failed = [r[0] for r in results if r[2] is False]

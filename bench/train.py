@@ -4,7 +4,8 @@ generated scenes and on real scans (IGN LiDAR HD tiles, SemanticKITTI).
     flock /tmp/ps-heavy.lock .venv/bin/python bench/train.py [--quick] [--only NAME ...] [--threads N]
 
 Each experiment is one ``pointsparse train`` command (printed and recorded);
-results go to bench/results/train.md, the PNGs to bench/results/train-*.png,
+results go to bench/results/train.md, the PNGs to bench/results/train-*.png
+(``--out PAGE.md``: the page there, PAGE.json and the PNGs beside it),
 the runs to runs/bench-train/. Real-data experiments are skipped when
 ../shared/datasets is absent."""
 
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from _common import ROOT, datasets_dir, environment, positive_int, results_path
+from _common import ROOT, datasets_dir, environment, page_arg, page_path, positive_int
 
 RUNS = ROOT / "runs" / "bench-train"
 #: What the table says for runs recorded before the engine was (the earlier pure-torch path).
@@ -76,10 +77,10 @@ def experiments(quick: bool, data) -> list[dict]:
     return out
 
 
-def run(exp: dict, threads: int | None, collect: bool = False, quick: bool = False) -> dict:
+def run(exp: dict, threads: int | None, folder: Path, collect: bool = False, quick: bool = False) -> dict:
     """Run one experiment (or, with ``collect``, read the run already in
-    runs/bench-train) and copy its PNGs to bench/results (``quick``: the run
-    in runs/bench-train-quick, the PNGs in a temporary folder)."""
+    runs/bench-train) and copy its PNGs to ``folder``, the page's (``quick``:
+    the run in runs/bench-train-quick)."""
     out = (RUNS.with_name(RUNS.name + "-quick") if quick else RUNS) / exp["name"]
     argv = [sys.executable, "-m", "pointsparse", "train", *exp["argv"], "--out", str(out), "--no-progress"]
     if threads:
@@ -95,7 +96,7 @@ def run(exp: dict, threads: int | None, collect: bool = False, quick: bool = Fal
     report["command"] = f"python {shown}"
     report["wall_s"] = time.perf_counter() - t0 if not collect else report.get("wall_time_s")
     for name, path in report["pictures"].items():
-        dest = results_path(f"train-{exp['name']}-{name}.png", quick)
+        dest = folder / f"train-{exp['name']}-{name}.png"
         if Path(path).is_file():
             shutil.copyfile(path, dest)
         elif not (collect and dest.is_file()):  # collecting a run made elsewhere: keep the copy we have
@@ -170,10 +171,15 @@ def main() -> int:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--collect", action="store_true",
                         help="do not train: rebuild the results from the runs already in runs/bench-train")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page (default bench/results/train.md, --quick train-quick.md in a temporary "
+                             "folder); PAGE.json (the rows kept across --only runs) and the PNGs beside it")
     args = parser.parse_args()
     env = environment()
     name = "train-quick" if args.quick else "train"
-    store, page = results_path(f"{name}.json", args.quick), results_path(f"{name}.md", args.quick)
+    page = page_path(args.out, f"{name}.md", args.quick)
+    store = page.with_suffix(".json")
+    page.parent.mkdir(parents=True, exist_ok=True)
     # Results of earlier invocations (--only reruns some experiments).
     saved = json.loads(store.read_text()) if store.is_file() else {}
     all_exps = experiments(args.quick, datasets_dir())
@@ -189,7 +195,7 @@ def main() -> int:
             continue
         if args.collect and not (RUNS / exp["name"] / "metrics.json").is_file():
             continue
-        report = run(exp, args.threads, args.collect, args.quick)
+        report = run(exp, args.threads, page.parent, args.collect, args.quick)
         if args.collect:
             report["conv_engine"] = saved.get(exp["name"], {}).get("conv_engine")
         else:

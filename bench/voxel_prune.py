@@ -30,11 +30,18 @@ score instead (``VoxelPrune(score="learned")``: ``Linear(C, 1)`` on the
 feats, the kept feats scaled by its sigmoid so that it trains); those runs
 are saved as ``voxelprune-learned`` and ``voxelskip-learned`` beside the
 others, and the report with ``--score learned`` reads them. Each variant is its own command so
-that no lock hold runs long; the report reads their saved weights."""
+that no lock hold runs long; the report reads their saved weights, and its
+page says how they were fine-tuned as each run recorded it (result.json), not
+as the report's own options say (and where the runs differ, how). The default
+``--checkpoint`` and ``--out`` are in the repository (runs/), wherever the
+script runs from. A missing checkpoint, or a report of a folder without the
+unpruned run, is an error (exit 2); ``--time-sweep`` without the KITTI sweep
+says so and measures nothing (exit 0, as bench/north_star.py)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shlex
@@ -43,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS_DIR, environment, interleaved, kitti_path, positive_int, write_markdown
+from _common import (ROOT, RESULTS_DIR, environment, interleaved, kitti_path, kitti_searched, positive_int,
+                     write_markdown)
 
 import pointsparse as ps
 from pointsparse.app import metrics
@@ -55,7 +63,14 @@ VARIANTS = ("unpruned", "voxelprune", "voxelskip")
 SCORE_WORDS = {"magnitude": "feature norm",
                "learned": "a learned score (Linear(C, 1) on the feats, trained through the sigmoid that scales "
                           "the kept feats)"}
-DEFAULT_OUT, DEFAULT_RESULTS = Path("runs/voxel-prune"), RESULTS_DIR / "voxel_prune.md"
+DEFAULT_OUT, DEFAULT_RESULTS = ROOT / "runs" / "voxel-prune", RESULTS_DIR / "voxel_prune.md"
+DEFAULT_CHECKPOINT = ROOT / "runs" / "demo" / "checkpoint.pt"  # (make demo writes it)
+# What each run records of its fine-tuning in result.json, and whose runs the page reads it from (the pruned
+# variants' settings from theirs alone).
+RECORDED = {"checkpoint": VARIANTS, "steps": VARIANTS, "batch": VARIANTS, "lr": VARIANTS, "scenes": VARIANTS,
+            "val_scenes": VARIANTS, "voxel_size": VARIANTS, "max_range": VARIANTS,
+            "keep": ("voxelprune", "voxelskip"), "stages": ("voxelprune",), "skip_stages": ("voxelskip",)}
+NOT_RECORDED = "?"
 
 
 def _first_conv_channels(module: torch.nn.Module) -> int:
@@ -152,7 +167,8 @@ def run_variant(args) -> None:
     out = (args.out / f"seed-{args.seed}" if args.seed else args.out) / variant_dir(args, args.variant)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "weights.pt")
-    (out / "result.json").write_text(json.dumps({"miou": miou, "finetune_s": seconds, "steps": args.steps}))
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RECORDED}
+    (out / "result.json").write_text(json.dumps({"miou": miou, "finetune_s": seconds, "seed": args.seed, **record}))
     print(f"{variant_dir(args, args.variant)}: mIoU {100 * miou:.1f}% after {args.steps} steps ({seconds:.0f} s)")
 
 
@@ -184,30 +200,83 @@ def timed_scan(args):
         return scan, f"a held-out generated scan of {len(scan):,} voxels at {voxel} m"
     path = kitti_path()
     if path is None:
-        return None, "--time-sweep needs ../shared/datasets/kitti-raw/000049.bin, which is absent; nothing timed"
+        return None, f"--time-sweep needs {kitti_searched()}, which is absent; nothing timed"
     voxel = args.time_voxel_size or 0.05
     scan = Batch.of([voxelize_sample(read_cloud(path), voxel, 255)]).input
     return scan, f"the KITTI sweep 000049 ({len(scan):,} voxels at {voxel} m)"
 
 
-def seed_results(args, variant: str) -> list[float]:
-    """The variant's mIoU of every seed run under ``--out`` (seed 0 in it, seed N in seed-N)."""
-    dirs = [args.out] + sorted(args.out.glob("seed-*"))
-    name = variant_dir(args, variant)
-    return [json.loads((d / name / "result.json").read_text())["miou"] for d in dirs
-            if (d / name / "result.json").is_file()]
+def seed_runs(args, variant: str) -> list[dict]:
+    """The variant's result.json of every seed run under ``--out`` (seed 0 in
+    it, seed N in seed-N), seed 0's first, each with its ``run``: the variant
+    and seed, as the page names it."""
+    name, runs = variant_dir(args, variant), []
+    for folder in [args.out] + sorted(args.out.glob("seed-*")):
+        if (folder / name / "result.json").is_file():
+            seed = "seed 0" if folder == args.out else folder.name.replace("-", " ")
+            runs.append({**json.loads((folder / name / "result.json").read_text()), "run": f"{variant} {seed}"})
+    return runs
+
+
+def _text(value) -> str:
+    """A recorded option as its command line writes it (a list as its words)."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def recorded_options(args, runs: dict) -> tuple[argparse.Namespace, list[str]]:
+    """``args`` with each option of ``RECORDED`` as the ``runs`` (variant ->
+    :func:`seed_runs`) recorded it, for the page's summary and Command line:
+    its value where the runs agree, else their values joined by '/' ('?' for
+    runs made before result.json recorded it); and notes naming the options
+    the runs recorded different values of, run by run, and those some did
+    not record."""
+    shown, differ, unrecorded = copy.copy(args), [], []
+    for option, variants in RECORDED.items():
+        values = {run["run"]: run.get(option, NOT_RECORDED) for v in variants for run in runs.get(v, [])}
+        words = list(dict.fromkeys(map(_text, values.values())))
+        if not values:
+            continue
+        flag = "--" + option.replace("_", "-")
+        if NOT_RECORDED in words:
+            unrecorded.append(flag)
+        if len(words) == 1 and words != [NOT_RECORDED]:
+            setattr(shown, option, Path(words[0]) if option == "checkpoint" else next(iter(values.values())))
+            continue
+        setattr(shown, option, "/".join(words))
+        if len(set(words) - {NOT_RECORDED}) > 1:  # (a value beside '?' alone: in the note of what is not recorded)
+            differ.append(f"{flag} " + ", ".join(f"{_text(v)} ({run})" for run, v in values.items()))
+    notes = ([f"The runs differ in how they were fine-tuned: {'; '.join(differ)}."] if differ else []) + \
+        ([f"{NOT_RECORDED}: not recorded by runs made before result.json recorded it ({', '.join(unrecorded)})."]
+         if unrecorded else [])
+    return shown, notes
+
+
+def as_run(args, run: dict) -> argparse.Namespace:
+    """``args`` with the pruning ``run`` recorded (keep, stages), so that the
+    model rebuilt to load its weights and timed is the one it fine-tuned."""
+    return argparse.Namespace(**{**vars(args), **{k: run[k] for k in ("keep", "stages", "skip_stages") if k in run}})
+
+
+def missing_runs(args) -> str | None:
+    """Why ``--report`` has nothing to report under ``--out`` (no unpruned
+    run there), or None."""
+    if (args.out / variant_dir(args, "unpruned") / "weights.pt").is_file():
+        return None
+    return f"--report: {args.out / 'unpruned'} holds no run; run --variant unpruned first (or name the runs' --out)"
 
 
 def report(args, write: bool = True) -> None:
     """Time and tabulate the variants run under ``--out`` (the unpruned one
-    is needed; a pruned variant never run there is left out of the table)."""
+    is needed: :func:`missing_runs`; a pruned variant never run there is left
+    out of the table); the page describes the runs as they recorded their
+    fine-tuning."""
     ran = [v for v in VARIANTS if (args.out / variant_dir(args, v) / "weights.pt").is_file()]
-    if "unpruned" not in ran:
-        print(f"voxel_prune: {args.out / 'unpruned'} holds no run; run --variant unpruned first")
-        return
+    runs = {v: seed_runs(args, v) for v in ran}
+    shown, notes = recorded_options(args, runs)
     models = {}
     for variant in ran:
-        models[variant] = build(args, variant)
+        seed0 = next((run for run in runs[variant] if run["run"].endswith(" seed 0")), {})
+        models[variant] = build(as_run(args, seed0), variant)
         load_weights(models[variant], args.out / variant_dir(args, variant) / "weights.pt")
         models[variant].eval()
     if args.fused:
@@ -217,7 +286,7 @@ def report(args, write: bool = True) -> None:
         print(f"voxel_prune: {where}")
         return
     med = time_variants(models, scan, args.rounds)
-    miou = {v: seed_results(args, v) for v in ran}
+    miou = {v: [run["miou"] for run in runs[v]] for v in ran}
     mean = {v: sum(m) / len(m) for v, m in miou.items()}
     decoder = {v: med[v] - med["encoder"] for v in ran}
     rows = [f"| {v} | {1e3 * med[v]:.1f} | {med['unpruned'] / med[v]:.2f}x | {1e3 * decoder[v]:.1f} | "
@@ -225,36 +294,44 @@ def report(args, write: bool = True) -> None:
             f" | {100 * mean[v]:.1f}% | {100 * (mean[v] - mean['unpruned']):+.1f} |" for v in ran]
     header = ("| model | forward ms | speed-up | decoder ms | decoder speed-up | val mIoU per seed (%) | mean | "
               "vs unpruned (points) |\n|---|---|---|---|---|---|---|---|\n")
-    summary = (f"{args.checkpoint}: MinkUNet fine-tuned {args.steps} steps of {args.batch} scans each (lr {args.lr}), "
-               f"once per seed ({len(miou['unpruned'])}: the batches' order, augmentation and torch seed); "
-               + ", ".join(([f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}"]
+    summary = (f"{shown.checkpoint}: MinkUNet fine-tuned {shown.steps} steps of {shown.batch} scans each "
+               f"(lr {shown.lr}), once per seed ({len(miou['unpruned'])}: the batches' order, augmentation and torch "
+               "seed); "
+               + ", ".join(([f"VoxelPrune({shown.keep}) before decoder stages {_stages(shown.stages)}"]
                             if "voxelprune" in ran else []) +
-                           ([f"VoxelSkip({args.keep}) around the convs of each residual block of decoder stages "
-                             f"{list(args.skip_stages)}"] if "voxelskip" in ran else [])) +
+                           ([f"VoxelSkip({shown.keep}) around the convs of each residual block of decoder stages "
+                             f"{_stages(shown.skip_stages)}"] if "voxelskip" in ran else [])) +
                f" (0: stride 8 .. 3: stride 1), voxels ranked by {SCORE_WORDS[args.score]}; "
                f"forward{' (BatchNorm folded, ReLU in the convs: fuse_for_inference)' if args.fused else ''} "
                f"on {where}, {torch.get_num_threads()} threads, median of "
                f"{args.rounds} interleaved rounds "
                f"(maps built in every call; the decoder is the forward less the encoder, {1e3 * med['encoder']:.1f} "
-               f"ms, timed in the same rounds); mIoU per point on {args.val_scenes} held-out scenes.")
+               f"ms, timed in the same rounds); mIoU per point on {shown.val_scenes} held-out scenes."
+               + "".join(" " + note for note in notes))
     table = header + "\n".join(rows)
     print(summary + "\n\n" + table)
-    command = command_line(args)
+    command = command_line(shown)
     if write:
         write_markdown(args.results, "VoxelPrune and VoxelSkip on MinkUNet after the same fine-tuning",
                        command, environment(), [summary, table])
 
 
+def _stages(value) -> str:
+    """Stages as the summary names them: ``[0, 1, 2]``, or the runs' differing words as given."""
+    return value if isinstance(value, str) else str(list(value))
+
+
 def command_line(args) -> str:
     """The page's Command line: every option the variants were fine-tuned
     and the report timed with (the data, the fine-tuning, the threads and
-    rounds), then the report's own."""
+    rounds), then the report's own (``args`` as :func:`recorded_options`
+    gives them: the fine-tuning as the runs recorded it)."""
     q = shlex.quote
     return (f"python bench/voxel_prune.py --checkpoint {q(str(args.checkpoint))} --steps {args.steps} "
             f"--batch {args.batch} --lr {args.lr} --scenes {args.scenes} --val-scenes {args.val_scenes} "
             f"--voxel-size {args.voxel_size} --max-range {args.max_range} --threads {args.threads} "
             f"--keep {args.keep}" + (f" --score {args.score}" if args.score != "magnitude" else "") + " --stages " +
-            " ".join(map(str, args.stages)) + " --skip-stages " + " ".join(map(str, args.skip_stages)) +
+            _text(args.stages) + " --skip-stages " + _text(args.skip_stages) +
             (f" --out {q(str(args.out))}" if args.out != DEFAULT_OUT else "") +
             " --variant V [--seed N] for each V and N, then the same with --report" + f" --rounds {args.rounds}" +
             (f" --time-voxel-size {args.time_voxel_size}" if args.time_voxel_size else "") +
@@ -264,7 +341,8 @@ def command_line(args) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="the model to fine-tune (default runs/demo/checkpoint.pt in the repository: make demo)")
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--keep", type=float, default=0.5)
@@ -294,21 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "go to --out/seed-N for N > 0 (--report reads every seed's)")
     parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="the runs' folder (default runs/voxel-prune in the repository; --quick: OUT-quick)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")
     return parser
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     if not args.checkpoint.is_file():
-        print(f"voxel_prune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
-        return
+        parser.error(f"--checkpoint: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
     if args.quick:
         args.steps, args.val_scenes, args.rounds, args.out = 4, 1, 1, args.out.with_name(args.out.name + "-quick")
-    torch.set_num_threads(args.threads)
     given = args.variant  # neither --variant nor --report: everything in one process
+    if args.report and given != "unpruned" and missing_runs(args):  # (before any fine-tuning)
+        parser.error(missing_runs(args))
+    if (args.report or not given) and args.time_sweep and kitti_path() is None:  # (absent data: as north_star.py)
+        print(f"voxel_prune: --time-sweep needs {kitti_searched()}, which is absent; nothing measured")
+        return
+    torch.set_num_threads(args.threads)
     for variant in [given] if given else ([] if args.report else list(VARIANTS)):
         args.variant = variant
         run_variant(args)

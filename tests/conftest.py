@@ -10,18 +10,19 @@ import pytest
 import torch
 
 
-def find_datasets() -> Path | None:
-    """``$POINTSPARSE_DATASETS``, else ``../shared/datasets`` beside the
-    checkout, else ``/work/shared/datasets``; None when none exists."""
-    candidates = []
+def datasets_folders() -> list[Path]:
+    """The folders searched for the real datasets: the one
+    ``$POINTSPARSE_DATASETS`` names alone where it is set (one naming no
+    folder fell back to ../shared/datasets in silence), else
+    ``../shared/datasets`` beside the checkout, then ``/work/shared/datasets``."""
     if os.environ.get("POINTSPARSE_DATASETS"):
-        candidates.append(Path(os.environ["POINTSPARSE_DATASETS"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "datasets")
-    candidates.append(Path("/work/shared/datasets"))
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+        return [Path(os.environ["POINTSPARSE_DATASETS"])]
+    return [Path(__file__).resolve().parents[2] / "shared" / "datasets", Path("/work/shared/datasets")]
+
+
+def find_datasets() -> Path | None:
+    """The first of :func:`datasets_folders` that exists; None when none does."""
+    return next((folder for folder in datasets_folders() if folder.is_dir()), None)
 
 
 def worker_threads(workers: int, cpus: int | None, threads: int) -> int | None:
@@ -58,7 +59,7 @@ def pytest_configure(config):
 def datasets_dir() -> Path:
     path = find_datasets()
     if path is None:
-        pytest.skip("real datasets folder (../shared/datasets) not present")
+        pytest.skip(f"real datasets folder not present ({' or '.join(map(str, datasets_folders()))})")
     return path
 
 
