@@ -122,6 +122,25 @@ def datasets_folders() -> list[Path]:
     return [ROOT.parent / "shared" / "datasets", Path("/work/shared/datasets")]
 
 
+#: The checkpoint the fine-tuning suites start from where none is named (``make demo`` writes it).
+DEMO_CHECKPOINT = ROOT / "runs" / "demo" / "checkpoint.pt"
+
+
+def absent_checkpoint(parser, path: Path, script: str) -> bool:
+    """Whether the suite ``script`` has no checkpoint to start from: True
+    (after a line on stdout: nothing measured, exit 0, as for absent data)
+    where ``path`` is the default :data:`DEMO_CHECKPOINT` and a checkout
+    has not run ``make demo`` (a smoke run of every suite must not fail
+    there); a ``--checkpoint`` named and absent is ``parser.error`` (exit 2);
+    False where it is a file."""
+    if Path(path).is_file():
+        return False
+    if Path(path).resolve() != DEMO_CHECKPOINT.resolve():
+        parser.error(f"--checkpoint: {path} does not exist")
+    print(f"{script}: {path} does not exist (run `make demo` first, or pass --checkpoint); nothing measured")
+    return True
+
+
 def datasets_dir() -> Path | None:
     """The first of :func:`datasets_folders` that exists, None when none
     does. A ``$POINTSPARSE_DATASETS`` naming no folder is an error (exit 2,

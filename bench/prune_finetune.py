@@ -47,7 +47,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import environment, results_path, write_markdown
+from _common import DEMO_CHECKPOINT, absent_checkpoint, environment, results_path, write_markdown
 
 from prune_speed import _flops, amc_cut
 
@@ -116,7 +116,8 @@ def _shape(args) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
+    parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT,
+                        help="the model to prune (default runs/demo/checkpoint.pt in the repository: make demo)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--criterion", default="l1")
     parser.add_argument("--epochs", type=int, default=None, help="more epochs for each model (default 5, --quick 1)")
@@ -150,14 +151,14 @@ def parse_args() -> argparse.Namespace:
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table); "
                              "without it, the models such a run has not fine-tuned yet")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.absent = absent_checkpoint(parser, args.checkpoint, "prune_finetune")
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    if not args.checkpoint.is_file():
-        print(f"prune_finetune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint); "
-              "nothing measured")
+    if args.absent:
         return
     args.epochs = args.epochs or (1 if args.quick else 5)
     args.amc_episodes = (3 if args.quick else 30) if args.amc_episodes is None else args.amc_episodes

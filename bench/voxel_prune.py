@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (ROOT, RESULTS_DIR, environment, interleaved, kitti_path, kitti_searched, positive_int,
+from _common import (DEMO_CHECKPOINT, ROOT, RESULTS_DIR, absent_checkpoint, environment, interleaved, kitti_path, kitti_searched, positive_int,
                      write_markdown)
 
 import pointsparse as ps
@@ -64,7 +64,7 @@ SCORE_WORDS = {"magnitude": "feature norm",
                "learned": "a learned score (Linear(C, 1) on the feats, trained through the sigmoid that scales "
                           "the kept feats)"}
 DEFAULT_OUT, DEFAULT_RESULTS = ROOT / "runs" / "voxel-prune", RESULTS_DIR / "voxel_prune.md"
-DEFAULT_CHECKPOINT = ROOT / "runs" / "demo" / "checkpoint.pt"  # (make demo writes it)
+DEFAULT_CHECKPOINT = DEMO_CHECKPOINT  # (make demo writes it)
 # What each run records of its fine-tuning in result.json, and whose runs the page reads it from (the pruned
 # variants' settings from theirs alone).
 RECORDED = {"checkpoint": VARIANTS, "steps": VARIANTS, "batch": VARIANTS, "lr": VARIANTS, "scenes": VARIANTS,
@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
-    if not args.checkpoint.is_file():
-        parser.error(f"--checkpoint: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
+    if absent_checkpoint(parser, args.checkpoint, "voxel_prune"):
+        return
     if args.quick:
         args.steps, args.val_scenes, args.rounds, args.out = 4, 1, 1, args.out.with_name(args.out.name + "-quick")
     given = args.variant  # neither --variant nor --report: everything in one process
