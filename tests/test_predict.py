@@ -1187,6 +1187,13 @@ def test_a_feature_the_training_clouds_lacked_is_0_with_a_note(tmp_path, capsys)
         assert ("hold rgb" in capsys.readouterr().err) == (data == colour)
         cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
     assert cms[0] == cms[1]
+    # prune's task on --data takes the clouds as eval does (its fine-tuning fed the colour)
+    from pointsparse.app.tasks import checkpoint_batches
+
+    batches = {data: checkpoint_batches(torch.load(tmp_path / "m.pt", weights_only=False), [str(data)])[0]
+               for data in (colour, plain)}
+    assert "1 of the 1 clouds hold rgb" in capsys.readouterr().err
+    assert torch.equal(batches[colour].input.feats, batches[plain].input.feats)
 
 
 def test_float32_positions_whose_step_passes_the_voxel_size_are_warned_of_once_per_file(tmp_path, capsys):
