@@ -1275,6 +1275,34 @@ def test_las_scales_counts_and_laspy_errors_are_named(tmp_path):
         read_las(path)
 
 
+def test_las_labels_in_an_extra_dimension_are_read_where_nothing_is_classified(tmp_path):
+    """A LAS file whose labels sit in an extra-bytes dimension named ``label`` (classification never set, all 0)
+    read as class 0 at every point without a word. Such a dimension is read where no point is classified; where
+    both hold values, classification is read and a warning names the other; a float one is refused."""
+    laspy = pytest.importorskip("laspy")
+    labels = np.array([1, 2, 6, 2, 9], dtype=np.uint8)
+
+    def las(name: str, classification, extra, kind=np.uint8, dimension="label"):
+        data = laspy.LasData(laspy.LasHeader(point_format=3, version="1.2"))
+        data.add_extra_dim(laspy.ExtraBytesParams(name=dimension, type=kind))
+        data.x = data.y = data.z = np.arange(5.0)
+        data.classification = classification
+        data[dimension] = extra
+        data.write(tmp_path / name)
+        return tmp_path / name
+
+    assert read_las(las("extra.las", np.zeros(5, np.uint8), labels)).labels.tolist() == labels.tolist()
+    assert read_las(las("cls.las", np.zeros(5, np.uint8), labels, dimension="Class")).labels.tolist() == \
+        labels.tolist()
+    with pytest.warns(UserWarning, match=r"both\.las: labels read from classification; its extra dimension 'label' "
+                                         "holds others, not read"):
+        assert read_las(las("both.las", labels[::-1].copy(), labels)).labels.tolist() == labels[::-1].tolist()
+    with pytest.raises(ValueError, match=r"float\.las: its labels' extra dimension 'label' holds float32 values"):
+        read_las(las("float.las", np.zeros(5, np.uint8), labels.astype(np.float32), np.float32))
+    assert read_las(las("plain.las", labels, np.zeros(5, np.uint8), dimension="height")).labels.tolist() == \
+        labels.tolist()
+
+
 def test_las_positions_do_not_hang_on_the_header_offsets(tmp_path):
     """The positions are relative to the points' minimum, so the header's
     offsets cancel: a NaN offset made every point NaN (refused as 'xyz holds

@@ -879,7 +879,8 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     have large absolute coordinates, and the header's minimum is not always
     filled in): the integer records less their minimum, times the header's
     scale factors, which the offsets do not enter; labels from
-    ``classification`` (none with ``labels=False``). The public header is
+    ``classification``, or an extra-bytes ``label``/``class`` dimension where
+    no point is classified (none with ``labels=False``). The public header is
     checked against the file size first: in an uncompressed file a point
     count above or below the whole records there is a ValueError naming
     both.
@@ -924,9 +925,35 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     rgb = None
     if {"red", "green", "blue"} <= names:
         rgb = _scale_rgb(np.stack([pick(las.red), pick(las.green), pick(las.blue)], 1), str(path))
-    raw = pick(las.classification) if labels and "classification" in names else None
+    raw = _las_labels(las, names, path, pick) if labels else None
     return Sample(xyz, _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
                   intensity, rgb, name=str(path), kept=keep)
+
+
+#: Extra-bytes dimensions of a LAS file read as its labels where its classification is never set (all 0).
+_LAS_LABEL_DIMENSIONS = ("label", "labels", "class", "semantic")
+
+
+def _las_labels(las, names: set, path, pick) -> np.ndarray | None:
+    """A LAS file's raw labels: ``classification``, or, where every point's
+    is 0 (never classified) and the file holds an extra-bytes dimension
+    named as labels are (:data:`_LAS_LABEL_DIMENSIONS`, any case), that one
+    (data sets that ship their labels so read as all class 0 without a
+    word). Where both hold values, ``classification`` is read and a warning
+    names the other."""
+    extra = [n for n in las.point_format.extra_dimension_names if n.lower() in _LAS_LABEL_DIMENSIONS]
+    raw = pick(las.classification) if "classification" in names else None
+    if not extra:
+        return raw
+    other = pick(las[extra[0]])
+    if raw is None or not raw.any():
+        if not np.issubdtype(other.dtype, np.integer):
+            raise ValueError(f"{path}: its labels' extra dimension {extra[0]!r} holds {other.dtype} values; labels "
+                             "are integers")
+        return other
+    warnings.warn(f"{path}: labels read from classification; its extra dimension {extra[0]!r} holds others, "
+                  "not read", stacklevel=3)
+    return raw
 
 
 _HEADER_LIMIT = 1 << 20  # bytes searched for the end of a PLY/PCD text header
