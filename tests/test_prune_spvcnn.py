@@ -221,6 +221,16 @@ def test_sensitivity_scans_an_spvcnn_checkpoint(spvcnn_run, tmp_path, capsys, gr
     assert any(name.startswith("point_mlps.") for name in curves) and any(name.startswith("unet.") for name in curves)
     assert all(abs(vals[0] - dense) <= 5.1e-4 for vals in curves.values()), text  # (printed: 4 and 3 decimals)
     assert (out / "sensitivity.png").exists()
+    if granularity == "channel":  # (its --out may be the run's own folder: it writes no checkpoint; it was refused
+        import shutil           # as "the pruned checkpoint would replace ...")
+
+        run = tmp_path / "run"
+        run.mkdir()
+        shutil.copy(spvcnn_run, run / "checkpoint.pt")
+        before = (run / "checkpoint.pt").read_bytes()
+        assert cli.main(["prune", "sensitivity", "--checkpoint", str(run / "checkpoint.pt"), "--quick", "--out",
+                         str(run)]) == 0, capsys.readouterr().err
+        assert (run / "sensitivity.json").exists() and (run / "checkpoint.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("procedure, argv", [("schedule", ["--rounds", "1", "--sparsity", "0.5"]),

@@ -282,7 +282,9 @@ def _check_out_beside(args) -> None:
 
 
 def main(args) -> int:
-    if getattr(args, "checkpoint", None) is not None and getattr(args, "out", None) is not None:
+    # (sensitivity writes its plot and scan alone, no checkpoint: its --out may be the run's own folder)
+    if (getattr(args, "checkpoint", None) is not None and getattr(args, "out", None) is not None
+            and args.procedure != "sensitivity"):
         _check_out_beside(args)
     if args.procedure != "vectors":
         given = _given(args, "square", "pairs", "panels")
