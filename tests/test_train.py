@@ -1086,6 +1086,35 @@ def test_a_workers_value_error_is_the_commands(tmp_path, monkeypatch):
                           Dist(0, 2))
 
 
+def test_a_diverged_run_ends_the_command_in_one_line(tmp_path, monkeypatch, capsys):
+    """A run whose loss or weights stop being finite (--lr 1e9) ended `pointsparse train` with a 20-line traceback
+    of TrainingDiverged, exit status 1, where other errors are one line. It is the CLI's error line, exit 1 (a
+    failure, not bad input), from one process or from a --nproc worker; POINTSPARSE_TRACEBACK=1 gives the
+    traceback."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.delenv("POINTSPARSE_TRACEBACK", raising=False)
+    assert cli.main(["train", *TINY, "--epochs", "3", "--optimizer", "sgd", "--lr", "1e9", "--out",
+                     str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse train: error: ") and "training diverged (lower --lr" in err, err
+    assert "Traceback" not in err and err.count("\n") == 2, err
+    text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+            "  File \"x.py\", line 1, in f\n    raise TrainingDiverged(...)\n"
+            "pointsparse.app.trainer.TrainingDiverged: the training loss is nan at step 3: training diverged\n")
+
+    def spawn(*args, **kwargs):
+        raise mp.ProcessRaisedException(text, 1, 123)
+
+    monkeypatch.setattr(mp, "spawn", spawn)
+    assert cli.main(["train", *TINY, "--nproc", "2", "--out", str(tmp_path / "two")]) == 1
+    assert capsys.readouterr().err.startswith("pointsparse train: error: the training loss is nan at step 3: "
+                                              "training diverged\n")
+    monkeypatch.setenv("POINTSPARSE_TRACEBACK", "1")
+    with pytest.raises(tr.TrainingDiverged):
+        cli.main(["train", *TINY, "--nproc", "2", "--out", str(tmp_path / "three")])
+
+
 def test_a_killed_worker_ends_the_command_in_one_line(tmp_path, monkeypatch, capsys):
     """A --nproc worker killed (SIGKILL, the OOM killer) ended the command with torch's ProcessExitedException
     traceback, exit status 1. It is one line naming the process and the signal (or exit status), and --resume

@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     refuses: an OSError naming the path, or an optional package the input
     needs that is not installed: ``_ext.MissingExtra``) prints ``pointsparse <command>: error:
     <message>`` on stderr and returns 2, as argparse does for a bad flag,
-    unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback; Ctrl-C
+    unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback; a training
+    run that diverged (``TrainingDiverged``) prints its error line so and
+    returns 1; Ctrl-C
     (KeyboardInterrupt) prints ``pointsparse <command>: interrupted`` and
     returns 130, or, run as the program (``argv`` None), ends the process
     by SIGINT as Python does (a shell's loop of commands then stops too)."""
@@ -217,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pointsparse {args.command}: error: {_message(error)}\n(set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2
+    except RuntimeError as error:  # (a diverged run: its message says what to change; a failure, not bad input)
+        from .trainer import TrainingDiverged
+
+        if not isinstance(error, TrainingDiverged) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"pointsparse {args.command}: error: {error}\n(set {TRACEBACK_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _end_by_sigint() -> None:

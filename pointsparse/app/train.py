@@ -1603,7 +1603,7 @@ def main(args) -> int:
                 while context is not None and not context.join():  # (None: a stand-in spawn that joined itself)
                     pass
             except mp.ProcessRaisedException as error:
-                raise _worker_value_error(error) or error
+                raise _worker_value_error(error) or _worker_diverged(error) or error
             except mp.ProcessExitedException as error:  # (killed, or ended without an exception: a line, as Ctrl-C)
                 if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
                     raise
@@ -1665,6 +1665,15 @@ def _worker_value_error(error) -> ValueError | None:
         if colon and kind.rpartition(".")[2] in ("ValueError", "BatchStatisticsError"):
             return ValueError("\n".join([message, *lines[i + 1:]]))
     return None
+
+
+def _worker_diverged(error) -> TrainingDiverged | None:
+    """The TrainingDiverged a ``--nproc`` worker raised (its message from
+    the traceback text torch's spawn hands back), so that the command ends
+    as one process's diverged run does; None for any other error."""
+    last = str(error).rstrip().splitlines()[-1:] or [""]
+    kind, colon, message = last[0].partition(": ")
+    return TrainingDiverged(message) if colon and kind.rpartition(".")[2] == "TrainingDiverged" else None
 
 
 def _cli(argv=None) -> int:
