@@ -773,6 +773,11 @@ def test_eval_help_gives_evals_own_data_and_label_map_defaults():
     for command in ("train", "eval"):
         for path in LABEL_MAP_DIR.glob("*.json"):
             assert path.stem in helps[command]["label_map"], (command, path.stem)
+    # (eval runs one process and has no loss: train's "over all processes", "divided among processes" and "in
+    # loss or metrics" were not eval's)
+    for dest in ("batch_size", "threads", "ignore_index"):
+        assert "process" not in helps["eval"][dest] and "loss" not in helps["eval"][dest], helps["eval"][dest]
+        assert helps["eval"][dest] != helps["train"][dest]
 
 
 def test_eval_help_names_the_files_its_out_gets(tmp_path):

@@ -92,11 +92,16 @@ def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE, run_
     parser.add_argument("--label-map", default=None, metavar="NAME|JSON", help=map_help)
     default_text = (f"{DEFAULT_IGNORE}" if ignore_default is not None
                     else f"the checkpoint's, else {DEFAULT_IGNORE}")
+    # (eval, run_defaults: one process scoring, no loss)
     parser.add_argument("--ignore-index", type=int, default=ignore_default,
-                        help=f"label that counts nowhere, in loss or metrics (default {default_text})")
-    parser.add_argument("--batch-size", type=int, default=2, help="scans per step, over all processes (default 2)")
+                        help=f"label that is not scored (default {default_text})" if run_defaults else
+                        f"label that counts nowhere, in loss or metrics (default {default_text})")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="scans per forward pass (default 2)" if run_defaults else
+                        "scans per step, over all processes (default 2)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per process (default: torch's default divided among processes)")
+                        help="torch threads (default: torch's default)" if run_defaults else
+                        "torch threads per process (default: torch's default divided among processes)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
