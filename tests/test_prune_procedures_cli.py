@@ -417,6 +417,7 @@ def test_netadapt_that_misses_its_budget_says_so_and_exits_1(on_checkpoint, tmp_
     else:
         assert (out / "latency_table.json").exists() and not saved
         assert f"the latency table is written all the same: {out / 'latency_table.json'}" in err, err
+        assert f"\nlatency table: {out / 'latency_table.json'}\n" in printed, printed  # (named, as amc's file)
 
 
 @pytest.mark.parametrize("argv, want", [(["--task", "scene"], 0.85), ([], 0.6), (["--task", "digits"], 0.6),

@@ -481,7 +481,7 @@ def test_prune_vectors_refuses_panels_wider_than_every_conv(tmp_path, capsys):
     torch.save({"model": MinkUNet(7, 3, cr=0.375, blocks=1).state_dict(), "config": {**config, "cr": 0.375}}, ckpt)
     assert cli.main(["prune", "vectors", "--checkpoint", str(ckpt), "--panels", "2", "--sparsity", "0.75",
                      "--out", str(tmp_path / "three")]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # (a note, on stderr as the others)
     state = checkpoint.load(tmp_path / "three" / "checkpoint.pt")["model"]
     ragged = [(k.removesuffix(".weight_mask"), -(-m.shape[2] // 16)) for k, m in state.items()
               if k.endswith("weight_mask") and -(-m.shape[2] // 16) % 2 and m.shape[2] > 32]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -521,7 +522,7 @@ def vectors_main(args) -> int:
         print(f"note: --panels {args.panels} does not divide the output panels of {len(ragged)} of its "
               f"{'conv' if len(ragged) == 1 else 'convs'} ({shown}{', ...' if len(ragged) > 3 else ''}): "
               f"each row's last block is narrower there and counts as one block, so the share kept differs from "
-              f"1 - --sparsity")
+              f"1 - --sparsity", file=sys.stderr)
     if args.finetune_epochs > 0:
         finetune(path, args.finetune_epochs)
     return 0

@@ -562,6 +562,8 @@ def _netadapt(args, task, model, steps) -> int:
     print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
           f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
           f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
+    if table is not None:  # (as amc and sensitivity name their files)
+        print(f"latency table: {table_path}")
     written = _save_if_checkpoint(args, res.model)
     if not res.message:
         return 0
