@@ -127,7 +127,7 @@ def add_arguments(parser) -> None:
                         help="generated scenes: returns per beam and turn (default 1024)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for checkpoints, metrics.json and PNGs")
     parser.add_argument("--model", choices=MODELS, default="minkunet",
-                        help="minkunet (voxel U-Net) or spvcnn (with a point branch; per-point logits)")
+                        help="minkunet (voxel U-Net, the default) or spvcnn (with a point branch; per-point logits)")
     parser.add_argument("--cr", type=float, default=0.5, help="MinkUNet width multiplier (default 0.5)")
     parser.add_argument("--blocks", type=int, default=2, help="residual blocks per stage (default 2)")
     parser.add_argument("--voxel-size", type=float, default=0.1, help="voxel edge in metres (default 0.1)")
@@ -142,7 +142,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--class-weights", choices=("none", "sqrt-inverse"), default="none",
                         help="loss weight per class: none, or 1/sqrt(share of the training points), mean 1 over "
                              "the classes present (default none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     parser.add_argument("--no-augment", action="store_true", help="no rotation/scaling/flip/jitter")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue a run (default: DIR/checkpoint.pt) with its model, optimizer, ignore index, "
