@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import io
 import os
 import re
 import subprocess
@@ -879,3 +880,8 @@ def test_ctrl_c_is_a_line_not_a_traceback(tmp_path):
     assert (out / "checkpoint.pt").is_file()
     with mock.patch("pointsparse.app.demo.main", side_effect=KeyboardInterrupt):
         assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 130
+    # a Ctrl-C while the command's module (and torch) import: the line too (it was the import's traceback)
+    with mock.patch.object(cli, "build_parser", side_effect=KeyboardInterrupt), \
+            mock.patch.dict(os.environ, {"POINTSPARSE_TRACEBACK": ""}), mock.patch("sys.stderr", new=io.StringIO()) as err:
+        assert cli.main(["prune", "sensitivity"]) == 130
+    assert err.getvalue() == "pointsparse prune: interrupted\n"

@@ -187,8 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     # (the command: the first word not an option; the tool's own options, -h alone, take no value)
     typed = next((w for w in words if not w.startswith("-")), None)
-    parser = build_parser([typed] if typed in {name for name, _, _ in COMMANDS} else [])
-    args, extras = parser.parse_known_args(words)
+    try:  # (the command's module imports here, torch with it: a Ctrl-C then was a traceback of the import)
+        parser = build_parser([typed] if typed in {name for name, _, _ in COMMANDS} else [])
+        args, extras = parser.parse_known_args(words)
+    except KeyboardInterrupt:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        known = typed in {name for name, _, _ in COMMANDS}
+        print(f"pointsparse{' ' + typed if known else ''}: interrupted", file=sys.stderr)
+        if argv is None:
+            _end_by_sigint()
+        return 130
     if extras:
         # The command's own usage and error line: argparse's parse_args reported the words the command did not
         # take with the program's usage, which shows none of the command's options. Words typed before the
