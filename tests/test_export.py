@@ -1773,6 +1773,7 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
     program = tmp_path / "minkunet-bf16.pt2"
     capsys.readouterr()
     for flags, message in ((["--inference", "bf16"], "a program keeps the form it was exported in"),
+                           (["--inference", "float32"], "a program keeps the form it was exported in"),  # (typed)
                            (["--device", "cuda"], "an exported program runs on the CPU")):
         assert main(["eval", "--program", str(program), "--no-progress", *flags]) == 2
         assert message in capsys.readouterr().err

@@ -150,6 +150,7 @@ def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
     capsys.readouterr()
     for flags, message in (
             (["--program", str(program), "--inference", "bf16"], "a program keeps the form it was exported in"),
+            (["--program", str(program), "--inference", "float32"], "keeps the form it was exported in"),  # (typed)
             (["--program", str(program), "--maps-ahead"], "an exported program builds its maps inside"),
             (["--program", str(program), "--label-map", "s3dis"], "--format npy writes class indices"),
             (["--program", str(program), "--format", "label"], "give --label-map"),

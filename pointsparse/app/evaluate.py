@@ -339,7 +339,8 @@ def program_and_state(path, args=None):
     from ..export import ProgramModel
 
     if args is not None:
-        if getattr(args, "inference", "float32") != "float32":
+        typed = getattr(args, "_typed", None)  # (typed, whatever its value, as the commands refuse unread flags)
+        if ("inference" in typed) if typed is not None else getattr(args, "inference", "float32") != "float32":
             raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
                              "was exported in (pointsparse export --inference)")
         if getattr(args, "device", None) not in (None, "cpu"):
