@@ -334,6 +334,27 @@ def test_weights_the_config_does_not_describe_are_refused(tmp_path):
         load_model(tmp_path / "kernel.pt")
 
 
+def test_finetune_of_a_multi_process_runs_checkpoint_runs_in_one_process(tmp_path, monkeypatch):
+    """A checkpoint of a `train --nproc 2` run records nproc 2 (it said 1), and `prune --finetune-epochs` resumes
+    the run's flags: it started two workers, which prune (no --nproc, no --device) cannot steer, and dropped their
+    exit status. Fine-tuning runs in one process, as it always did, and prune returns train's status."""
+    import torch.multiprocessing as mp
+
+    dense = tmp_path / "dense"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    state = checkpoint.load(dense / "checkpoint.pt")
+    state["args"]["nproc"] = 2
+    checkpoint.save(dense / "checkpoint.pt", state)
+
+    def spawn(*args, **kwargs):
+        raise AssertionError("fine-tuning started --nproc workers")
+
+    monkeypatch.setattr(mp, "spawn", spawn)
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--sparsity", "0.5",
+                     "--finetune-epochs", "1", "--out", str(tmp_path / "sparse")]) == 0
+    assert checkpoint.load(tmp_path / "sparse" / "checkpoint.pt")["epoch"] == 2
+
+
 def test_prune_vectors_checkpoint_keeps_its_masks_through_fine_tuning(tmp_path, capsys):
     """``prune vectors`` masks the engine vectors of every conv with more
     than one offset; the checkpoint stores the masks; ``train --resume``

@@ -475,9 +475,10 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
     return save_pruned(state, model, out), stages, places
 
 
-def finetune(path: Path, epochs: int) -> None:
+def finetune(path: Path, epochs: int) -> int:
     """Resume training the checkpoint at ``path`` for ``epochs`` more epochs
-    (same options as the run that wrote it; output beside it)."""
+    (same options as the run that wrote it, in one process; output beside
+    it); train's exit status."""
     from .train import main
     state = load_state(path)
     if not state.get("args"):  # (None, absent or {}: load_training takes them; save_pruned made no optimizer)
@@ -489,7 +490,9 @@ def finetune(path: Path, epochs: int) -> None:
     args.init = None  # (the run's --init gave its first weights; the resumed ones are the checkpoint's)
     args.epochs = int(state["epoch"]) + epochs
     args.time_budget = args.time_limit = None
-    main(args)
+    # (one process, as it always ran: a run of --nproc N records N now, and prune takes no --nproc or --device)
+    args.nproc = 1
+    return main(args)
 
 
 def _check_flags(args, procedure: str) -> None:
@@ -524,7 +527,7 @@ def vectors_main(args) -> int:
               f"each row's last block is narrower there and counts as one block, so the share kept differs from "
               f"1 - --sparsity", file=sys.stderr)
     if args.finetune_epochs > 0:
-        finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs)
     return 0
 
 
@@ -535,7 +538,7 @@ def offsets_main(args) -> int:
     print(f"pruned checkpoint {path}: kernel offsets masked, {kept} of the {total} offsets of its convs whose "
           f"windows overlap kept ({kept / total:.2f})")
     if args.finetune_epochs > 0:
-        finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs)
     return 0
 
 
@@ -552,7 +555,7 @@ def voxels_main(args) -> int:
         args.finetune_epochs == 0 else ""
     print(f"pruned checkpoint {path}: {added}{untrained}")
     if args.finetune_epochs > 0:
-        finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs)
     return 0
 
 
@@ -564,5 +567,5 @@ def main(args) -> int:
     after = sum(t.numel() for t in load_state(path)["model"].values())
     print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f})")
     if args.finetune_epochs > 0:
-        finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs)
     return 0
