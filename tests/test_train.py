@@ -758,11 +758,19 @@ def test_resume_sets_each_process_its_own_generator(one_thread):
     assert torch.equal(drawn[0], states[0]) and not torch.equal(drawn[1], drawn[2])
     torch.manual_seed(tr.rank_seed(3, 2, 4))
     assert torch.equal(drawn[2], torch.get_rng_state())
-    assert said == ["--resume run/checkpoint.pt: the run ran 2 process(es), this one 3: the other processes' random "
-                    "streams (SPVCNN's dropout) start anew, so the run goes on as close as it can, not bit for bit"]
+    tail = ("the random streams of the processes the run did not keep (SPVCNN's dropout) start anew, so the run "
+            "goes on as close as it can, not bit for bit")
+    assert said == [f"--resume run/checkpoint.pt: the run ran 2 process(es), this one 3: {tail}"]
     single = {"torch_rng": states[2], "epoch": 1}
     tr.TrainingJob._restore_rng(job(0, 1), single)
     assert torch.equal(torch.get_rng_state(), states[2]) and len(said) == 1
+    tr.TrainingJob._restore_rng(job(0, 1), state)  # (a run of two resumed as one: said too)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert said[-1] == f"--resume run/checkpoint.pt: the run ran 2 process(es), this one 1: {tail}"
+    older = {"torch_rng": states[2], "epoch": 1, "args": {"nproc": 2}}  # (a run of two without the per-rank record)
+    tr.TrainingJob._restore_rng(job(0, 2), older)
+    assert said[-1] == ("--resume run/checkpoint.pt: the run ran 2 process(es) (its checkpoint keeps one process's "
+                        f"random state), this one 2: {tail}")
 
 
 def test_resume_of_a_history_without_val_epoch_draws_its_curves(tmp_path):

@@ -307,7 +307,8 @@ def take_run_flags(args) -> None:
     # other bits than the run left alone; typed, --threads is taken as given)
     threads = saved.get("threads") if isinstance(saved, dict) else None
     if (isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= max_threads()
-            and not _given(args, "threads", "nproc") and saved.get("nproc", 1) == args.nproc):
+            and not _given(args, "threads", "nproc")
+            and saved.get("nproc", 1) == (_torchrun_world() if _torchrun_world() > 1 else args.nproc)):
         args.threads = threads
     epochs = saved.get("epochs") if isinstance(saved, dict) else None
     typed = getattr(args, "_typed", None)
@@ -1023,7 +1024,7 @@ def _train(args):
 
 def _spawn_worker(rank: int, world: int, port: int, args) -> None:
     worker_environment(rank, world, port)
-    args.nproc, args._workers = 1, world  # (one process here; its checkpoints record the run's --nproc)
+    args.nproc = 1  # (one process here; its checkpoints record the run's process count, dist.world)
     try:
         with _out_lock(args):
             _, model = _train(args)
@@ -1269,11 +1270,14 @@ class TrainingJob:
         torch.set_rng_state(state["torch_rng"])
         if dist.rank > 0:
             torch.manual_seed(rank_seed(self.args.seed, dist.rank, state["epoch"]))
-        written = len(ranks) if isinstance(ranks, list) else 1
-        if dist.world > 1 and dist.main:
-            self.log(f"--resume {self.resume_path}: the run ran {written} process(es), this one {dist.world}: the "
-                     "other processes' random streams (SPVCNN's dropout) start anew, so the run goes on as close "
-                     "as it can, not bit for bit")
+        saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+        ran = len(ranks) if isinstance(ranks, list) else saved.get("nproc", 1)
+        partial = not isinstance(ranks, list) and ran > 1  # (a run older than the per-process record: one kept)
+        if (ran != dist.world or partial) and dist.main:
+            kept = " (its checkpoint keeps one process's random state)" if partial else ""
+            self.log(f"--resume {self.resume_path}: the run ran {ran} process(es){kept}, this one {dist.world}: "
+                     "the random streams of the processes the run did not keep (SPVCNN's dropout) start anew, so the "
+                     "run goes on as close as it can, not bit for bit")
 
     def _find_best(self, state: dict) -> None:
         """The resumed run's best epoch. In its own folder: the best.pt there
@@ -1520,7 +1524,7 @@ class TrainingJob:
                  "best_miou": max(self.best, miou) if cm is not None else self.best,
                  "planned_epochs": self.plan["epochs"], "wall_time_s": self.wall_time(),
                  "val_paths": [os.path.abspath(p) for p in getattr(self.val_src, "paths", [])],
-                 "args": {**saved_args(self.args), "nproc": getattr(self.args, "_workers", self.args.nproc)}}
+                 "args": {**saved_args(self.args), "nproc": self.dist.world}}  # (--nproc's workers, torchrun's)
         if ranks is not None:
             state["torch_rng_ranks"] = ranks
         if self.replaces_previous:
