@@ -59,16 +59,13 @@ def atomic_write(path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (a name unique
     to this process and call; ``path``'s name, cut where the two would pass
     a file name's 255 bytes), flush it to disk, then rename it over ``path``:
-    an interrupt or a concurrent writer never leaves a torn file. The
-    temporary files of earlier writes of ``path`` that a killed process
-    left (:func:`_remove_left_temporaries`) are removed first."""
+    an interrupt or a concurrent writer never leaves a torn file."""
     path = Path(path)
     suffix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     name = path.name  # (cut where the temporary name would pass the 255 bytes a file name may have)
     while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_BYTES:
         name = name[:-1]
     tmp = path.with_name(f".{name}{suffix}")
-    _remove_left_temporaries(tmp.parent, name)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -81,14 +78,16 @@ def atomic_write(path, write) -> None:
 
 
 #: Seconds since its last write after which a dead process's temporary file is taken as left (a live writer on
-#: another machine of a shared folder writes on; its process id means nothing here).
-_LEFT_AFTER_S = 60.0
+#: another machine of a shared folder writes on, its process id meaningless here; ten minutes leave room for the
+#: clocks of a file server and this machine to differ).
+_LEFT_AFTER_S = 600.0
 
 
 def _remove_left_temporaries(folder: Path, name: str) -> None:
     """Remove the temporary files of :func:`atomic_write` for the file
     ``name`` in ``folder`` whose process is gone from this machine and that
-    nothing wrote for :data:`_LEFT_AFTER_S`: a write killed by SIGKILL (a
+    nothing wrote for :data:`_LEFT_AFTER_S` (:func:`save` calls it before
+    each checkpoint): a write killed by SIGKILL (a
     ``--nproc`` worker torch's spawn ended) runs no clean-up, and its file,
     as large as a checkpoint, stayed beside the run for good."""
     import glob
@@ -274,6 +273,8 @@ def save(path, state) -> None:
                         "Python numbers, strings, bytes and containers of them); convert it before saving "
                         "(float(x), x.tolist(), str(path), vars(namespace))")
     envelope = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    # (a checkpoint's folder, once per save: predict's thousands of small atomic writes list no folder)
+    _remove_left_temporaries(path.parent, path.name)
     atomic_write(path, lambda f: torch.save(envelope, f))
 
 

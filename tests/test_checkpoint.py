@@ -247,12 +247,12 @@ def test_atomic_write_uses_a_private_temp_name(tmp_path, monkeypatch):
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     """A write killed by SIGKILL (a --nproc worker that torch's spawn ended mid-checkpoint) runs no clean-up: its
     temporary file, as large as a checkpoint, stayed beside the run after any later save. The next write of the
-    same file removes those of dead processes not written for a minute; a live process's (a writer now), a
+    same file removes those of dead processes not written for ten minutes; a live process's (a writer now), a
     fresh one's and another file's stay."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, timeout=60)
     pid = int(dead.stdout)
-    old = time.time() - 120
+    old = time.time() - 1200  # (past _LEFT_AFTER_S, ten minutes)
     left = tmp_path / f".checkpoint.pt.tmp-{pid}-0a1b2c3d"
     fresh = tmp_path / f".checkpoint.pt.tmp-{pid}-99999999"
     live = tmp_path / f".checkpoint.pt.tmp-{os.getpid()}-0a1b2c3d"
