@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -1277,8 +1278,9 @@ def test_las_scales_counts_and_laspy_errors_are_named(tmp_path):
 
 def test_las_labels_in_an_extra_dimension_are_read_where_nothing_is_classified(tmp_path):
     """A LAS file whose labels sit in an extra-bytes dimension named ``label`` (classification never set, all 0)
-    read as class 0 at every point without a word. Such a dimension is read where no point is classified; where
-    both hold values, classification is read and a warning names the other; a float one is refused."""
+    read as class 0 at every point without a word. Such a dimension is read where no point is classified (codes 0
+    and 1); where both hold other labels, classification is read and a warning names the other; a float one is
+    refused."""
     laspy = pytest.importorskip("laspy")
     labels = np.array([1, 2, 6, 2, 9], dtype=np.uint8)
 
@@ -1301,6 +1303,13 @@ def test_las_labels_in_an_extra_dimension_are_read_where_nothing_is_classified(t
         read_las(las("float.las", np.zeros(5, np.uint8), labels.astype(np.float32), np.float32))
     assert read_las(las("plain.las", labels, np.zeros(5, np.uint8), dimension="height")).labels.tolist() == \
         labels.tolist()
+    # all code 1 (ASPRS "unclassified"): none classified either; an extra dimension of zeros or of the same labels
+    # is no other labels: no warning
+    assert read_las(las("ones.las", np.ones(5, np.uint8), labels)).labels.tolist() == labels.tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_las(las("zeros.las", labels, np.zeros(5, np.uint8))).labels.tolist() == labels.tolist()
+        assert read_las(las("same.las", labels, labels)).labels.tolist() == labels.tolist()
 
 
 def test_las_positions_do_not_hang_on_the_header_offsets(tmp_path):
@@ -3249,11 +3258,17 @@ def test_an_npz_with_two_label_keys_is_refused(tmp_path):
     keys, as two intensity sources are; read without labels (predict's), it is read."""
     xyz, lab = _cloud()
     np.savez(tmp_path / "two.npz", xyz=xyz, labels=np.zeros(len(xyz), np.int64), classification=lab)
-    with pytest.raises(ValueError, match=r"two\.npz: holds labels under the keys 'labels' and 'classification': "
-                                         r"keep one$"):
+    with pytest.raises(ValueError, match=r"two\.npz: holds different labels under the keys 'labels' and "
+                                         r"'classification': keep one$"):
         read_cloud(tmp_path / "two.npz")
     s = read_cloud(tmp_path / "two.npz", labels=False)
     assert s.labels is None and np.array_equal(s.xyz, xyz)
+    # the same labels twice, or a key of another shape beside them (class names), are no second labelling
+    np.savez(tmp_path / "same.npz", xyz=xyz, labels=lab, classification=lab.reshape(-1, 1))
+    np.savez(tmp_path / "names.npz", xyz=xyz, labels=lab, **{"class": np.array(["ground", "building"])})
+    np.savez(tmp_path / "one.npz", xyz=xyz, labels=lab)
+    for name in ("same.npz", "names.npz"):
+        assert np.array_equal(read_cloud(tmp_path / name).labels, read_cloud(tmp_path / "one.npz").labels), name
 
 
 @pytest.mark.parametrize("layout, suffix", [("velodyne", ".bin"), ("points", ".npy")])

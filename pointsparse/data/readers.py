@@ -640,8 +640,9 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
 
     ``.npz``: positions under ``xyz``/``points``, optional ``origin`` (not
     added: positions stay relative to it, which keeps coordinates small),
-    ``intensity``, ``rgb``, labels under one of ``labels``/``classification``
-    (two label keys are a ValueError: keep one);
+    ``intensity``, ``rgb``, labels under one of ``labels``, ``label``,
+    ``classification``, ``semantic``, ``class`` (two of them holding
+    different per-point labels are a ValueError: keep one);
     positions of 4, 6 or 7 columns hold intensity and/or colour as a
     ``.npy`` cloud's do (then no ``intensity``/``rgb`` key for them).
     ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
@@ -679,10 +680,14 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                     raise ValueError(f"{path}: key {key!r} holds {column} column and the key {name!r} another: "
                                      "keep one")
             held = [k for k in _NPZ_LABELS if k in z.files] if labels else []
-            if len(held) > 1:  # (the first of them was read, the others dropped without a word)
-                raise ValueError(f"{path}: holds labels under the keys {held[0]!r} and {held[1]!r}"
-                                 f"{f' (and {len(held) - 2} more)' if len(held) > 2 else ''}: keep one")
-            lab_key = held[0] if held else None
+            # (per-point arrays under two of the keys: the first was read, the other dropped without a word; a
+            # key of another shape, such as class names, is no second labelling, nor is a copy of the first)
+            per_point = [k for k in held if np.shape(z[k]) in ((n,), (n, 1))]
+            if any(not np.array_equal(np.ravel(z[per_point[0]]), np.ravel(z[k])) for k in per_point[1:]):
+                raise ValueError(f"{path}: holds different labels under the keys {per_point[0]!r} and "
+                                 f"{per_point[1]!r}{f' (and {len(per_point) - 2} more)' if len(per_point) > 2 else ''}"
+                                 ": keep one")
+            lab_key = (per_point or held or [None])[0]
             raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
                         [(n,), (n, 1)]) if lab_key else None
             intensity = rgb = None
@@ -879,8 +884,9 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     have large absolute coordinates, and the header's minimum is not always
     filled in): the integer records less their minimum, times the header's
     scale factors, which the offsets do not enter; labels from
-    ``classification``, or an extra-bytes ``label``/``class`` dimension where
-    no point is classified (none with ``labels=False``). The public header is
+    ``classification``, or an extra-bytes ``label``, ``labels``, ``class`` or
+    ``semantic`` dimension where no point is classified (every code 0 or 1;
+    none with ``labels=False``). The public header is
     checked against the file size first: in an uncompressed file a point
     count above or below the whole records there is a ValueError naming
     both.
@@ -935,24 +941,26 @@ _LAS_LABEL_DIMENSIONS = ("label", "labels", "class", "semantic")
 
 
 def _las_labels(las, names: set, path, pick) -> np.ndarray | None:
-    """A LAS file's raw labels: ``classification``, or, where every point's
-    is 0 (never classified) and the file holds an extra-bytes dimension
-    named as labels are (:data:`_LAS_LABEL_DIMENSIONS`, any case), that one
-    (data sets that ship their labels so read as all class 0 without a
-    word). Where both hold values, ``classification`` is read and a warning
+    """A LAS file's raw labels: ``classification``, or, where no point is
+    classified (every code 0, created, or 1, unclassified: ASPRS's two
+    codes for none) and the file holds an extra-bytes dimension named as
+    labels are (:data:`_LAS_LABEL_DIMENSIONS`, any case), that one (data
+    sets that ship their labels so read as one class without a word).
+    Where both hold other labels, ``classification`` is read and a warning
     names the other."""
     extra = [n for n in las.point_format.extra_dimension_names if n.lower() in _LAS_LABEL_DIMENSIONS]
     raw = pick(las.classification) if "classification" in names else None
     if not extra:
         return raw
     other = pick(las[extra[0]])
-    if raw is None or not raw.any():
+    if raw is None or not (np.asarray(raw) > 1).any():
         if not np.issubdtype(other.dtype, np.integer):
             raise ValueError(f"{path}: its labels' extra dimension {extra[0]!r} holds {other.dtype} values; labels "
                              "are integers")
         return other
-    warnings.warn(f"{path}: labels read from classification; its extra dimension {extra[0]!r} holds others, "
-                  "not read", stacklevel=3)
+    if other.any() and not np.array_equal(other, raw):
+        warnings.warn(f"{path}: labels read from classification; its extra dimension {extra[0]!r} holds others, "
+                      "not read", stacklevel=3)
     return raw
 
 
