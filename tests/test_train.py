@@ -1094,6 +1094,43 @@ def test_a_workers_value_error_is_the_commands(tmp_path, monkeypatch):
                           Dist(0, 2))
 
 
+def test_validation_clouds_feature_the_training_clouds_lacked_is_0_as_eval_has_it(tmp_path, capsys):
+    """A run trained on colourless clouds validated on a cloud with colour fed that colour to the model, which
+    eval (since it sets such a feature to 0, as in training) does not: the run's val mIoU and eval's of the same
+    checkpoint on the same cloud differed. Validation now takes the cloud as eval does, and notes it."""
+    import json
+
+    from pointsparse.data import generated
+
+    paths = []
+    for i in range(3):
+        scene = generated.outdoor_scene(seed=40 + i, beams=16, azimuth_steps=192, max_range=16)
+        extra = {"rgb": np.random.default_rng(i).integers(0, 256, (len(scene.xyz), 3)).astype(np.uint8)} \
+            if i == 2 else {}
+        paths.append(tmp_path / f"c{i}.npz")
+        np.savez(paths[-1], xyz=scene.xyz, labels=scene.labels, intensity=scene.intensity, **extra)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(paths[0]), str(paths[1]), "--val-data", str(paths[2]), "--epochs", "2",
+                     "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1", "--seed", "3",
+                     "--no-progress", "--out", str(run)]) == 0
+    assert f"note: 1 of the 1 clouds hold rgb ({paths[2]}), which the model's training clouds did not" in \
+        capsys.readouterr().err
+    trained = json.loads((run / "metrics.json").read_text())
+    assert cli.main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(paths[2]), "--no-progress",
+                     "--out", str(tmp_path / "ev")]) == 0
+    scored = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    assert scored["confusion"] == trained["confusion"]
+    # the voxels validation scores: the colour columns (the last three features) 0, the others as read
+    from pointsparse.app import distributed
+
+    args = _parse(["--data", str(paths[0]), str(paths[1]), "--val-data", str(paths[2]), "--epochs", "2", "--cr",
+                   "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1", "--seed", "3",
+                   "--no-progress", "--threads", "1", "--out", str(tmp_path / "job")])
+    job = tr.TrainingJob(args, distributed.init_distributed(args))
+    feats = job.val_samples()[0].input.feats
+    assert float(feats[:, -3:].abs().sum()) == 0 and float(feats[:, :4].abs().sum()) > 0
+
+
 def test_a_diverged_run_ends_the_command_in_one_line(tmp_path, monkeypatch, capsys):
     """A run whose loss or weights stop being finite (--lr 1e9) ended `pointsparse train` with a 20-line traceback
     of TrainingDiverged, exit status 1, where other errors are one line. It is the CLI's error line, exit 1 (a

@@ -347,6 +347,22 @@ class TrainedFeatures:
                   file=sys.stderr)
 
 
+class FittedClouds:
+    """``source`` (a sequence of samples) as a model trained with
+    ``features`` takes it: each sample through :meth:`TrainedFeatures.fitted`
+    as it is asked for (a run's validation clouds holding a feature its
+    training clouds lacked: 0, as eval then scores them)."""
+
+    def __init__(self, source, features: TrainedFeatures) -> None:
+        self.source, self.features = source, features
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.features.fitted(self.source[index])
+
+
 def _shown(names: list[str]) -> str:
     """The first two of ``names``, and how many more."""
     return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")

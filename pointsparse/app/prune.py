@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import make_directory
+from ..checkpoint import atomic_write, make_directory
 from ..prune import adapters
 from ..prune.sensitivity import DEFAULT_RATIOS
 from . import channels, procedures
@@ -381,7 +381,8 @@ def _write_scan(path, res, threshold: float, chosen: dict):
               "ratios": [float(r) for r in res.ratios],
               "curves": {name: [number(v) for v in vals] for name, vals in res.curves.items()},
               "sizes": dict(res.sizes), "threshold": float(threshold), "chosen": dict(chosen)}
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 

@@ -37,7 +37,8 @@ from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import TRACEBACK_ENV, CommandParser, given_flags
-from .clouds import held_features, nonfinite_hold, refuse_file_flags, skips_nonfinite, warn_coarse_positions
+from .clouds import (FittedClouds, TrainedFeatures, held_features, nonfinite_hold, refuse_file_flags,
+                     skips_nonfinite, warn_coarse_positions)
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
 from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files,
@@ -1226,7 +1227,9 @@ class TrainingJob:
         voxel = self.config["voxel_size"]
         self.train_ds = VoxelDataset(self.train_src, voxel, args.ignore_index, train=not args.no_augment,
                                      seed=args.seed)
-        self.val_ds = VoxelDataset(self.val_src, voxel, args.ignore_index)
+        # (a validation cloud's feature the training clouds lacked: 0, as the model saw it and as eval scores it)
+        self.val_features = TrainedFeatures(self.config)
+        self.val_ds = VoxelDataset(FittedClouds(self.val_src, self.val_features), voxel, args.ignore_index)
         self.sampler = torch.utils.data.DistributedSampler(self.train_ds, num_replicas=dist.world, rank=dist.rank,
                                                            shuffle=True, seed=args.seed)
         self.local_batch = args.batch_size // dist.world
@@ -1370,12 +1373,16 @@ class TrainingJob:
             for i in self._val_shard():
                 check_voxel_extent(self.val_src[i], voxel)
                 warn_coarse_positions(self.val_src[i], voxel)
+                self.val_features.check(self.val_src[i])
         except ValueError as refused:
             if not self.dist.active:
                 raise
             error = str(refused)
         if self.dist.active:  # (a shard's refusal is every process's: the others waited in a collective)
             refuse_together(self.dist, error)
+        if self.dist.main:  # (its own shard's: the clouds holding a feature the training clouds lacked)
+            self.val_features.lacking.clear()  # (a validation cloud lacking one is scored as it is, unremarked)
+            self.val_features.note(len(self._val_shard()))
         self.log(f"data ready in {time.perf_counter() - t_load:.1f} s")
         self.weight = None
         if getattr(self.args, "class_weights", "none") != "none" and not self.report_only:
