@@ -126,6 +126,16 @@ def datasets_folders() -> list[Path]:
 DEMO_CHECKPOINT = ROOT / "runs" / "demo" / "checkpoint.pt"
 
 
+def shown(path) -> str:
+    """``path`` as a page shows it: relative to the repository where it lies
+    inside it (a default resolved there read as this checkout's own folder,
+    which another clone has not), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def absent_checkpoint(parser, path: Path, script: str) -> bool:
     """Whether the suite ``script`` has no checkpoint to start from: True
     (after a line on stdout: nothing measured, exit 0, as for absent data)

@@ -47,7 +47,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import DEMO_CHECKPOINT, absent_checkpoint, environment, results_path, write_markdown
+from _common import DEMO_CHECKPOINT, absent_checkpoint, environment, results_path, shown, write_markdown
 
 from prune_speed import _flops, amc_cut
 
@@ -290,10 +290,10 @@ def write_page(args, state: dict, start: float, names, saved_rows: dict, held: d
     header = ("| model | params (kept) | FLOPs (of unpruned) | executed FLOPs (of unpruned) | val mIoU | "
               f"vs unpruned (points) |{extra} fine-tuning time |\n|---|---|---|---|---|---|"
               + ("---|---|" if held else "") + "---|\n")
-    summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
+    summary = (f"Starting point: {shown(args.checkpoint)} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
                f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the cloud AMC "
                f"searched on.")
-    command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
+    command = (f"python bench/prune_finetune.py --checkpoint {shown(args.checkpoint)} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
                f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}"
                f"{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''}"

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (DEMO_CHECKPOINT, ROOT, RESULTS_DIR, absent_checkpoint, environment, interleaved, kitti_path, kitti_searched, positive_int,
+from _common import (DEMO_CHECKPOINT, ROOT, RESULTS_DIR, absent_checkpoint, environment, shown, interleaved, kitti_path, kitti_searched, positive_int,
                      write_markdown)
 
 import pointsparse as ps
@@ -327,12 +327,12 @@ def command_line(args) -> str:
     rounds), then the report's own (``args`` as :func:`recorded_options`
     gives them: the fine-tuning as the runs recorded it)."""
     q = shlex.quote
-    return (f"python bench/voxel_prune.py --checkpoint {q(str(args.checkpoint))} --steps {args.steps} "
+    return (f"python bench/voxel_prune.py --checkpoint {q(shown(args.checkpoint))} --steps {args.steps} "
             f"--batch {args.batch} --lr {args.lr} --scenes {args.scenes} --val-scenes {args.val_scenes} "
             f"--voxel-size {args.voxel_size} --max-range {args.max_range} --threads {args.threads} "
             f"--keep {args.keep}" + (f" --score {args.score}" if args.score != "magnitude" else "") + " --stages " +
             _text(args.stages) + " --skip-stages " + _text(args.skip_stages) +
-            (f" --out {q(str(args.out))}" if args.out != DEFAULT_OUT else "") +
+            (f" --out {q(shown(args.out))}" if args.out != DEFAULT_OUT else "") +
             " --variant V [--seed N] for each V and N, then the same with --report" + f" --rounds {args.rounds}" +
             (f" --time-voxel-size {args.time_voxel_size}" if args.time_voxel_size else "") +
             (" --time-sweep" if args.time_sweep else "") + (" --fused" if args.fused else "") +

@@ -106,6 +106,9 @@ def test_a_suite_without_its_checkpoint_says_so(tmp_path, monkeypatch, capsys):
     absent.parent.mkdir()
     absent.write_bytes(b"")
     assert _common.absent_checkpoint(parser, absent, "suite") is False
+    # pages show the default (resolved in this checkout) relative to the repository, as another clone has it
+    assert _common.shown(_common.ROOT / "runs" / "demo" / "checkpoint.pt") == str(Path("runs/demo/checkpoint.pt"))
+    assert _common.shown(absent) == str(absent)
 
 
 def _pointsparse_names(tree) -> dict:
