@@ -3269,6 +3269,21 @@ def test_an_npz_with_two_label_keys_is_refused(tmp_path):
     np.savez(tmp_path / "one.npz", xyz=xyz, labels=lab)
     for name in ("same.npz", "names.npz"):
         assert np.array_equal(read_cloud(tmp_path / name).labels, read_cloud(tmp_path / "one.npz").labels), name
+    # a second label key's member is checked as every member read is (its header against its size), before any
+    # comparison reads it: one cut short is named, not read
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.save(buf, lab.astype(np.int64))
+    with zipfile.ZipFile(tmp_path / "cut.npz", "w") as archive:
+        for key, array in (("xyz", xyz), ("labels", lab)):
+            member = io.BytesIO()
+            np.save(member, array)
+            archive.writestr(f"{key}.npy", member.getvalue())
+        archive.writestr("class.npy", buf.getvalue()[:200])
+    with pytest.raises(ValueError, match=r"cut\.npz key 'class': the header claims"):
+        read_cloud(tmp_path / "cut.npz")
 
 
 @pytest.mark.parametrize("layout, suffix", [("velodyne", ".bin"), ("points", ".npy")])

@@ -488,14 +488,21 @@ def _npy_header(f, where) -> tuple:
         raise ValueError(f"{where}: a damaged .npy header: {error}") from None
 
 
-def _npz_array(z, key: str, path) -> np.ndarray:
-    """``z[key]`` after checking its header against the member's size."""
+def _npz_shape(z, key: str, path) -> tuple:
+    """The shape of ``z[key]`` from its header, checked against the
+    member's size (nothing read past the header)."""
     info = z.zip.getinfo(key + ".npy")
     with z.zip.open(info) as f:
         shape, _, dtype = _npy_header(f, f"{path} key {key!r}")
     _check_npy_size(shape, dtype, info.file_size, f"{path} key {key!r}")
     if dtype.hasobject:
         raise ValueError(f"{path} key {key!r}: object arrays are not point data")
+    return tuple(shape)
+
+
+def _npz_array(z, key: str, path) -> np.ndarray:
+    """``z[key]`` after checking its header against the member's size."""
+    _npz_shape(z, key, path)
     return z[key]
 
 
@@ -682,8 +689,10 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             held = [k for k in _NPZ_LABELS if k in z.files] if labels else []
             # (per-point arrays under two of the keys: the first was read, the other dropped without a word; a
             # key of another shape, such as class names, is no second labelling, nor is a copy of the first)
-            per_point = [k for k in held if np.shape(z[k]) in ((n,), (n, 1))]
-            if any(not np.array_equal(np.ravel(z[per_point[0]]), np.ravel(z[k])) for k in per_point[1:]):
+            # (shapes from the headers, checked as every member read here is; arrays read only where two compare)
+            per_point = [k for k in held if _npz_shape(z, k, path) in ((n,), (n, 1))] if len(held) > 1 else held
+            if len(per_point) > 1 and any(not np.array_equal(np.ravel(_npz_array(z, per_point[0], path)),
+                                                             np.ravel(_npz_array(z, k, path))) for k in per_point[1:]):
                 raise ValueError(f"{path}: holds different labels under the keys {per_point[0]!r} and "
                                  f"{per_point[1]!r}{f' (and {len(per_point) - 2} more)' if len(per_point) > 2 else ''}"
                                  ": keep one")
