@@ -205,13 +205,17 @@ class VoxelDataset(torch.utils.data.Dataset):
         sample = self.source[index]
         if not isinstance(sample, Sample):  # (an AttributeError inside augment or voxelize_sample)
             raise TypeError(f"source[{index}] must be a Sample; got {type(sample).__name__}")
-        if self.train:
-            # The file's own extent checked first: an augmented one (rotated, scaled) is not the file's, and a
-            # refusal of it alone (a cloud that fits only unturned) says so.
+        if not self.train:
+            return voxelize_sample(sample, self.voxel_size, self.ignore_index)
+        augmented = augment(sample, np.random.default_rng([self.seed, int(self._epoch[0]), index]))
+        try:
+            return voxelize_sample(augmented, self.voxel_size, self.ignore_index)
+        except ValueError:
+            # (refused: the file's own extent named where it is the cause, as the file holds it; else the
+            # augmented one, said to be that, which matches nothing in the file; else voxelize_sample's own words)
             check_voxel_extent(sample, self.voxel_size)
-            sample = augment(sample, np.random.default_rng([self.seed, int(self._epoch[0]), index]))
-            check_voxel_extent(sample, self.voxel_size, AUGMENTED)
-        return voxelize_sample(sample, self.voxel_size, self.ignore_index)
+            check_voxel_extent(augmented, self.voxel_size, AUGMENTED)
+            raise
 
 
 GENERATED = ("generated", "generated-outdoor", "generated-indoor")
