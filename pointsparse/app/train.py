@@ -1619,7 +1619,7 @@ def main(args) -> int:
                 while context is not None and not context.join():  # (None: a stand-in spawn that joined itself)
                     pass
             except mp.ProcessRaisedException as error:
-                raise _worker_value_error(error) or _worker_diverged(error) or error
+                raise _worker_error(error) or error
             except mp.ProcessExitedException as error:  # (killed, or ended without an exception: a line, as Ctrl-C)
                 if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
                     raise
@@ -1668,28 +1668,25 @@ def _stop_workers(processes, grace: float = 10.0) -> None:
             process.join()
 
 
-def _worker_value_error(error) -> ValueError | None:
-    """The ValueError (bad input: a flag, a file, a cloud) that a ``--nproc``
-    worker raised, from the traceback text torch's spawn hands back
-    (``ProcessRaisedException``), so that the command reports it in one line
-    as one process does; None for any other error (its traceback stays)."""
+#: The errors a ``--nproc`` worker raises that the command reports as one process does, by their class's name:
+#: bad input (a ValueError) and a diverged run.
+_WORKER_ERRORS = {"ValueError": ValueError, "BatchStatisticsError": ValueError, "TrainingDiverged": TrainingDiverged}
+
+
+def _worker_error(error) -> Exception | None:
+    """The ValueError (bad input: a flag, a file, a cloud) or
+    TrainingDiverged that a ``--nproc`` worker raised, from the traceback
+    text torch's spawn hands back (``ProcessRaisedException``), so that the
+    command reports it in one line as one process does; None for any other
+    error (its traceback stays)."""
     lines = str(error).rstrip().splitlines()
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].startswith("  ") or not lines[i]:
             break
         kind, colon, message = lines[i].partition(": ")
-        if colon and kind.rpartition(".")[2] in ("ValueError", "BatchStatisticsError"):
-            return ValueError("\n".join([message, *lines[i + 1:]]))
+        if colon and kind.rpartition(".")[2] in _WORKER_ERRORS:
+            return _WORKER_ERRORS[kind.rpartition(".")[2]]("\n".join([message, *lines[i + 1:]]))
     return None
-
-
-def _worker_diverged(error) -> TrainingDiverged | None:
-    """The TrainingDiverged a ``--nproc`` worker raised (its message from
-    the traceback text torch's spawn hands back), so that the command ends
-    as one process's diverged run does; None for any other error."""
-    last = str(error).rstrip().splitlines()[-1:] or [""]
-    kind, colon, message = last[0].partition(": ")
-    return TrainingDiverged(message) if colon and kind.rpartition(".")[2] == "TrainingDiverged" else None
 
 
 def _cli(argv=None) -> int:
