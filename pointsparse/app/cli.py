@@ -191,13 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser([typed] if typed in {name for name, _, _ in COMMANDS} else [])
         args, extras = parser.parse_known_args(words)
     except KeyboardInterrupt:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if _traceback_asked():
             raise
         known = typed in {name for name, _, _ in COMMANDS}
-        print(f"pointsparse{' ' + typed if known else ''}: interrupted", file=sys.stderr)
-        if argv is None:
-            _end_by_sigint()
-        return 130
+        return _interrupted(f"pointsparse{' ' + typed if known else ''}: interrupted", argv)
     if extras:
         # The command's own usage and error line: argparse's parse_args reported the words the command did not
         # take with the program's usage, which shows none of the command's options. Words typed before the
@@ -211,31 +208,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.main(args) or 0)
     except KeyboardInterrupt:  # (Ctrl-C: a line, not a traceback)
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if _traceback_asked():
             raise
         again = ""
         if args.command == "train" and (Path(args.out) / args._module.CHECKPOINT).is_file():
             again = " (train --resume continues from its last checkpoint)"
-        print(f"pointsparse {args.command}: interrupted{again}", file=sys.stderr)
-        if argv is None:  # (the program itself: it ends by SIGINT, as Python does, so a shell's loop stops too)
-            _end_by_sigint()
-        return 130
+        return _interrupted(f"pointsparse {args.command}: interrupted{again}", argv)
     except (ValueError, OSError, MissingExtra) as error:
         # (an OSError naming no path, a full disk on write or a broken pipe, is the system's failure: raised)
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or (
+        if _traceback_asked() or (
                 isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename is None):
             raise
-        print(f"pointsparse {args.command}: error: {_message(error)}\n(set {TRACEBACK_ENV}=1 for the traceback)",
-              file=sys.stderr)
-        return 2
+        return _error_line(args.command, _message(error), 2)
     except RuntimeError as error:  # (a diverged run: its message says what to change; a failure, not bad input)
         from .trainer import TrainingDiverged
 
-        if not isinstance(error, TrainingDiverged) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if not isinstance(error, TrainingDiverged) or _traceback_asked():
             raise
-        print(f"pointsparse {args.command}: error: {error}\n(set {TRACEBACK_ENV}=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _error_line(args.command, str(error), 1)
+
+
+def _traceback_asked() -> bool:
+    """Whether ``POINTSPARSE_TRACEBACK`` asks for tracebacks."""
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _error_line(command: str, message: str, status: int) -> int:
+    """``status``, after the command's error line (and how to see the traceback) on stderr."""
+    print(f"pointsparse {command}: error: {message}\n(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+    return status
+
+
+def _interrupted(line: str, argv) -> int:
+    """130 after ``line`` on stderr; run as the program (``argv`` None), the
+    process ends by SIGINT instead, as Python's does, so that a shell's
+    loop of commands stops too."""
+    print(line, file=sys.stderr)
+    if argv is None:
+        _end_by_sigint()
+    return 130
 
 
 def _end_by_sigint() -> None:
