@@ -230,7 +230,7 @@ def recorded_options(args, runs: dict) -> tuple[argparse.Namespace, list[str]]:
     runs made before result.json recorded it); and notes naming the options
     the runs recorded different values of, run by run, and those some did
     not record."""
-    shown, differ, unrecorded = copy.copy(args), [], []
+    described, differ, unrecorded = copy.copy(args), [], []
     for option, variants in RECORDED.items():
         values = {run["run"]: run.get(option, NOT_RECORDED) for v in variants for run in runs.get(v, [])}
         words = list(dict.fromkeys(map(_text, values.values())))
@@ -240,15 +240,15 @@ def recorded_options(args, runs: dict) -> tuple[argparse.Namespace, list[str]]:
         if NOT_RECORDED in words:
             unrecorded.append(flag)
         if len(words) == 1 and words != [NOT_RECORDED]:
-            setattr(shown, option, Path(words[0]) if option == "checkpoint" else next(iter(values.values())))
+            setattr(described, option, Path(words[0]) if option == "checkpoint" else next(iter(values.values())))
             continue
-        setattr(shown, option, "/".join(words))
+        setattr(described, option, "/".join(words))
         if len(set(words) - {NOT_RECORDED}) > 1:  # (a value beside '?' alone: in the note of what is not recorded)
             differ.append(f"{flag} " + ", ".join(f"{_text(v)} ({run})" for run, v in values.items()))
     notes = ([f"The runs differ in how they were fine-tuned: {'; '.join(differ)}."] if differ else []) + \
         ([f"{NOT_RECORDED}: not recorded by runs made before result.json recorded it ({', '.join(unrecorded)})."]
          if unrecorded else [])
-    return shown, notes
+    return described, notes
 
 
 def as_run(args, run: dict) -> argparse.Namespace:
