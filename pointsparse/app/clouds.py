@@ -336,6 +336,15 @@ class TrainedFeatures:
             setattr(fitted, feature, None)
         return fitted
 
+    def fit_all(self, samples) -> list:
+        """``samples`` checked, noted (:meth:`note`) and each
+        :meth:`fitted`, as the model takes them."""
+        samples = list(samples)
+        for sample in samples:
+            self.check(sample)
+        self.note(len(samples))
+        return [self.fitted(sample) for sample in samples]
+
     def note(self, total: int) -> None:
         for feature, names in self.lacking.items():
             print(f"note: {len(names)} of the {total} clouds hold no {feature} ({_shown(names)}), which the model's "

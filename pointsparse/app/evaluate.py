@@ -180,13 +180,10 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                                 args)
     samples = source
     if not is_generated(spec):  # (the clouds are read by now: require_labels)
-        features = TrainedFeatures(config)
         for sample in source:
-            features.check(sample)
             check_voxel_extent(sample, config["voxel_size"])  # (naming the file before any cloud is scored)
             warn_coarse_positions(sample, config["voxel_size"])
-        features.note(len(source))
-        samples = [features.fitted(sample) for sample in source]  # (features the model never saw: 0)
+        samples = TrainedFeatures(config).fit_all(source)  # (features the model never saw: 0)
     dataset = VoxelDataset(samples, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     with loaded_frozen():

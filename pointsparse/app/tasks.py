@@ -248,12 +248,7 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
     if not is_generated(spec) and len(source):  # (features the model's training clouds lacked: 0, as eval has them)
         from .clouds import TrainedFeatures
 
-        features = TrainedFeatures(config)
-        taken = [source[i] for i in range(min(count, len(source)))]
-        for sample in taken:
-            features.check(sample)
-        features.note(len(taken))
-        samples = [features.fitted(sample) for sample in taken]
+        samples = TrainedFeatures(config).fit_all(source[i] for i in range(min(count, len(source))))
     dataset = VoxelDataset(samples, config["voxel_size"], config.get("ignore_index", 255))
     batches = [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
     want, got = config.get("in_channels"), batches[0].input.num_channels
