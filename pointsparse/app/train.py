@@ -752,21 +752,23 @@ def check_run_state(state: dict, path) -> None:
             f"{len(history['val_epoch'])} val_epoch beside {len(history['val_miou'])} val_miou")
     if not count(state["epoch"]):
         bad("epoch", "the epochs the run trained (an int >= 0)", kind(state["epoch"]))
-    rng, own = state["torch_rng"], torch.get_rng_state()
-    if not (isinstance(rng, torch.Tensor) and rng.dtype == own.dtype and rng.shape == own.shape):
-        bad("torch_rng", f"torch's CPU generator state (torch.get_rng_state(): {own.dtype} of shape "
-            f"{tuple(own.shape)})",
-            kind(rng) if not isinstance(rng, torch.Tensor) else f"{rng.dtype} of shape {tuple(rng.shape)}")
+    own = torch.get_rng_state()
+
     def generator(value) -> bool:
         return isinstance(value, torch.Tensor) and value.dtype == own.dtype and value.shape == own.shape
 
+    def described(value) -> str:
+        return f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else kind(value)
+
+    if not generator(state["torch_rng"]):
+        bad("torch_rng", f"torch's CPU generator state (torch.get_rng_state(): {described(own)})",
+            described(state["torch_rng"]))
     ranks = state.get("torch_rng_ranks")
     if ranks is not None and not (isinstance(ranks, list) and len(ranks) > 1 and all(map(generator, ranks))):
-        odd = next((r for r in ranks if not generator(r)), None) if isinstance(ranks, list) else None
-        bad("torch_rng_ranks", f"a list of the run's processes' torch generator states (each {own.dtype} of shape "
-            f"{tuple(own.shape)})", kind(ranks) if not isinstance(ranks, list) else f"a list of {len(ranks)}" + (
-                "" if odd is None else f" holding {kind(odd) if not isinstance(odd, torch.Tensor) else odd.dtype}"
-                f"{'' if not isinstance(odd, torch.Tensor) else f' of shape {tuple(odd.shape)}'}"))
+        odd = [r for r in ranks if not generator(r)] if isinstance(ranks, list) else []
+        bad("torch_rng_ranks", f"a list of the run's processes' torch generator states (each {described(own)})",
+            kind(ranks) if not isinstance(ranks, list) else
+            f"a list of {len(ranks)}" + (f" holding {described(odd[0])}" if odd else ""))
     if "best_miou" in state and not number(state["best_miou"]):
         bad("best_miou", "the run's best validation mIoU (a number)", kind(state["best_miou"]))
     if "wall_time_s" in state and not (number(state["wall_time_s"]) and 0 <= state["wall_time_s"] < math.inf):
