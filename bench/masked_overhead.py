@@ -14,6 +14,8 @@ interleaved rounds (medians; forwards without gradients, as inference):
   the same weight);
 * ``functional with mask``: ``nn.functional.conv3d(x, weight, weight_mask=m)``
   on the product made once (the module's call without the hook's product);
+* ``functional, product each call``: the same on ``weight_orig * m`` made
+  each call (the hook's product, without the module and its hook);
 * ``kernels alone``: the fused kernels on a plan and a choice made once
   (``bench/prune_exec.py``'s ``core`` column);
 * ``kernels, fresh output``: the same with a new output buffer each call.
@@ -76,8 +78,13 @@ def measure(channels: int, coords: torch.Tensor, kind: str, amount: float, round
         with torch.no_grad():
             F.conv3d(x, product, weight_mask=mask)
 
+    def functional_fresh():  # (the hook's product made each call, as the module's, without the module)
+        with torch.no_grad():
+            F.conv3d(x, masked.weight_orig * mask, weight_mask=mask)
+
     med = interleaved({"unpruned module": call(base), "masked module": call(masked),
                        "made permanent": call(permanent), "functional with mask": functional,
+                       "functional, product each call": functional_fresh,
                        "kernels alone": kernels, "kernels, fresh output": fresh}, rounds)
     dense = med["unpruned module"]
     lines = [f"### C = {channels}, {kind} {amount:.0%} ({len(coords):,} voxels, {int(kmap.sizes.sum()):,} pairs; "
