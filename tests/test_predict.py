@@ -1217,3 +1217,17 @@ def test_float32_positions_whose_step_passes_the_voxel_size_are_warned_of_once_p
         assert cli.main([*argv, "--no-progress"]) == 0
         err = capsys.readouterr().err
         assert err.count(said) == 1 and str(near[0]) + ":" not in err, (argv[0], err)
+
+
+def test_predict_and_eval_count_one_cloud_in_the_singular(tmp_path, capsys):
+    """predict and eval of one file said "1 clouds (...)" and "1 clouds in"."""
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    path, = _clouds(tmp_path / "in", count=1)
+    capsys.readouterr()
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(path), "--out", str(tmp_path / "p"),
+                     "--no-progress"]) == 0
+    assert "\n1 cloud (" in "\n" + capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(path), "--no-progress"]) == 0
+    assert "\n1 cloud in " in capsys.readouterr().out
+    from pointsparse.app import counted
+    assert (counted(1, "epoch"), counted(0, "step"), counted(2, "voxel")) == ("1 epoch", "0 steps", "2 voxels")

@@ -22,3 +22,8 @@ command line and what its commands run.
 The library (``pointsparse.tensor``, ``coords``, ``voxelize``, ``kmap``,
 ``nn``, ``models``, ``data``, ``prune``, ``formats``, ``ops``, ``export``,
 ``checkpoint``) never imports this package."""
+
+
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word`` in the commands' messages: "1 cloud", "2 clouds" (``word`` singular, plural by "s")."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -23,7 +23,7 @@ from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset
 from ..data.datasets import is_generated
 from ..data.transforms import check_voxel_extent
 from ..models import model_from_state
-from . import metrics
+from . import counted, metrics
 from .clouds import (TrainedFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite,
                      warn_coarse_positions)
 from .distributed import pick_device
@@ -191,7 +191,7 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                              progress=not args.no_progress and have_tqdm())
     elapsed = time.perf_counter() - t0
     print(metrics.format_table(cm, classes))
-    print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
+    print(f"{counted(len(source), 'cloud')} in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
     if args.out:
         report = write_report(Path(args.out), cm, classes, first, None,
                               {**({"program": os.path.abspath(program)} if program is not None else

@@ -50,6 +50,7 @@ import torch
 
 from ..checkpoint import DirectoryLock, atomic_write
 from .clouds import raw_ids  # (exported here as before; clouds.check_format_maps, eval and prune take it too)
+from . import counted
 
 __all__ = ["add_arguments", "main", "raw_ids"]
 
@@ -274,7 +275,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     text = json.dumps({"classes": classes, "format": args.format, "files": len(paths),
                        **({"label_map": label_map.name} if label_map is not None else {})}, indent=1) + "\n"
     atomic_write(Path(args.out) / "classes.json", lambda f: f.write(text.encode()))
-    print(f"{len(paths)} clouds ({points} points, {voxels} voxels) in {elapsed:.1f} s "
+    print(f"{counted(len(paths), 'cloud')} ({counted(points, 'point')}, {counted(voxels, 'voxel')}) in {elapsed:.1f} s "
           f"({elapsed / len(paths):.2f} s per cloud): {args.out}")
     return 0
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
+from . import counted
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.datasets import is_generated
 from ..data.transforms import check_voxel_extent
@@ -1066,7 +1067,7 @@ class TrainingJob:
             if self.start_epoch >= self.plan["epochs"]:
                 self.report_only = self._report_missing(resume_state, self.out)
             if self.report_only:
-                self.log(f"--resume {self.resume_path}: the run trained its {self.start_epoch} epochs; its report "
+                self.log(f"--resume {self.resume_path}: the run trained its {counted(self.start_epoch, 'epoch')}; its report "
                          f"was missing ({self.out / 'metrics.json'}): validating its last epoch to write it")
             elif self.start_epoch >= self.plan["epochs"]:
                 folder = self.resume_path.parent
@@ -1074,10 +1075,10 @@ class TrainingJob:
                         "writes it" if self.resume_path.name == CHECKPOINT and not self.resumed_here
                         and self._report_missing(resume_state, folder) else "")
                 if self.plan["epochs"] < args.epochs:
-                    raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs of about "
+                    raise ValueError(f"--resume: the run already trained {counted(self.start_epoch, 'epoch')} of about "
                                      f"{self._fit_budget(self.start_epoch)[1]:.0f} s and --time-budget "
                                      f"{args.time_budget:g} min fits no more; give a larger --time-budget{hint}")
-                raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs and --epochs "
+                raise ValueError(f"--resume: the run already trained {counted(self.start_epoch, 'epoch')} and --epochs "
                                  f"{self.plan['epochs']} asks for no more; give --epochs above "
                                  f"{self.start_epoch}{hint}")
         self.net = self.model
@@ -1347,8 +1348,8 @@ class TrainingJob:
         self.log(f"{type(self.model).__name__} cr={self.config['cr']} ({n_params / 1e6:.2f} M parameters), "
                  f"{len(self.classes)} classes, voxel {self.config['voxel_size']} m; {len(self.train_src)} "
                  f"training and {len(self.val_src)} validation clouds; {self.dist.world} process(es) on "
-                 f"{self.dist.device}, {torch.get_num_threads()} thread(s) each; {self.steps_per_epoch} steps "
-                 "per epoch")
+                 f"{self.dist.device}, {torch.get_num_threads()} thread(s) each; "
+                 f"{counted(self.steps_per_epoch, 'step')} per epoch")
 
     def _load_data(self) -> None:
         """Generate or read every training cloud and this process's
@@ -1497,7 +1498,7 @@ class TrainingJob:
         if min(args.epochs, fit) != self.plan["epochs"]:
             self.plan["epochs"] = min(args.epochs, fit)
             self._follow_plan()
-            self.log(f"time budget {args.time_budget} min: {self.plan['epochs']} epochs of about {per_epoch:.0f} s")
+            self.log(f"time budget {args.time_budget} min: {counted(self.plan['epochs'], 'epoch')} of about {per_epoch:.0f} s")
 
     def _fit_budget(self, done: int) -> tuple[int, float]:
         """(the epochs that fit ``--time-budget``, at least the ``done`` ones;
