@@ -15,10 +15,11 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
+from .. import coords as _coords
 from ..coords import check_has_data, check_strided
 from ..tensor import SparseTensor, as_bool, as_float, as_triple, nonnegative_int
 
-__all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "instance_norm",
+__all__ = ["conv3d", "add", "cat", "union", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "instance_norm",
            "select_voxels", "keep_per_batch", "region_of", "engine_cost"]
 
 
@@ -538,13 +539,20 @@ def _same_sites(tensors, what: str) -> SparseTensor:
             message = (f"{what}: item {i} (stride {t.stride}, {t.coords.shape[0]} sites) is not on the coords "
                        f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)")
             # (the hint joined outside a graph only: dynamo cannot join a formatted string to another)
-            raise ValueError(message if compiling else message + _selection_hint(t, first, i))
+            raise ValueError(message if compiling else message + (
+                _selection_hint(t, first, i) or (_union_hint(what) if t.stride == first.stride else "")))
         other = f"{what}: item {i} has other coords (or another row order) than item 0"
         if compiling:
             _ops.check_same_coords(t.coords, first.coords, other)
         elif t.coords is not first.coords and not torch.equal(t.coords, first.coords):
-            raise ValueError(other + _selection_hint(t, first, i))
+            raise ValueError(other + (_selection_hint(t, first, i) or _union_hint(what)))
     return first
+
+
+def _union_hint(what: str) -> str:
+    """For add: where the sum of tensors on other sites is meant."""
+    return ("; nn.union([a, b]) sums tensors whose sites differ (MinkowskiEngine's MinkowskiUnion)"
+            if what == "add" else "")
 
 
 def _selection_hint(t: SparseTensor, first: SparseTensor, i: int) -> str:
@@ -596,6 +604,73 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
         raise ValueError(f"add: the feats have {tuple(a.feats.shape[1:])} and {tuple(b.feats.shape[1:])} channels; "
                          "a sum needs the same")
     return first.with_feats(a.feats + b.feats)
+
+
+@functools.partial(torch.compiler.disable, reason="nn.union: its output's row count depends on the coords' "
+                   "values; it runs eagerly (under torch.compile, a graph break)")
+def union(tensors, *more) -> SparseTensor:
+    """Sum of tensors at one stride on sites that may differ (MinkowskiEngine's
+    ``MinkowskiUnion``): the output holds every site any item holds, item 0's
+    rows first in their order, then each later item's sites that no earlier
+    item holds, in its order; a row's feats are the sum, in item order, of
+    the items holding its site (an item without the site adds nothing).
+    Items need the same stride, device and channels; the feats' dtype is
+    their widest (torch's type promotion). Where no later item adds a site,
+    the output is on item 0's coords and coordinate cache (its kernel maps
+    reused, as :func:`add`'s); otherwise on new coords with a new cache,
+    whose kernel maps are built when a layer asks (a transposed conv from it
+    has no finer coords to return to: a ValueError says so). Differentiable
+    in every item's feats. Eager only: the output's row count depends on the
+    coords' values (a graph break under ``torch.compile``, whose
+    ``fullgraph=True`` and ``torch.export`` refuse it)."""
+    if more:
+        raise TypeError(f"union takes one list of SparseTensors (as cat); got {1 + len(more)} arguments "
+                        "(give union([a, b, ...]))")
+    if isinstance(tensors, SparseTensor):
+        raise TypeError("union takes a list of SparseTensors; got one SparseTensor (give [a, b, ...])")
+    try:
+        items = list(iter(tensors))
+    except TypeError:
+        raise TypeError(f"union takes a list of SparseTensors; got {type(tensors).__name__}") from None
+    if not items:
+        raise ValueError("union needs at least one SparseTensor")
+    first = items[0]
+    for i, t in enumerate(items):
+        if not isinstance(t, SparseTensor):
+            raise TypeError(f"union takes SparseTensors; item {i} is {type(t).__name__}")
+        if t.device != first.device:
+            raise ValueError(f"union: item {i} is on {t.device} but item 0 on {first.device}")
+        if t.stride != first.stride:
+            raise ValueError(f"union: item {i} has stride {t.stride} but item 0 {first.stride}; a union joins "
+                             "sites of one stride")
+        if t.feats.shape[1:] != first.feats.shape[1:]:
+            raise ValueError(f"union: item {i}'s feats have {tuple(t.feats.shape[1:])} channels and item 0's "
+                             f"{tuple(first.feats.shape[1:])}; a sum needs the same")
+    dtype = functools.reduce(torch.promote_types, (t.feats.dtype for t in items))
+    if len(items) == 1 or all(t.coords is first.coords for t in items):
+        feats = first.feats.to(dtype)
+        for t in items[1:]:
+            feats = feats + t.feats.to(dtype)
+        return first.with_feats(feats)
+    coords = torch.cat([t.coords for t in items])
+    layout = _coords.KeyLayout.of(*(t.coords for t in items))
+    keys = _coords.pack_torch(coords, layout, trusted=True)
+    # Each site's first row in item order: a stable sort puts it first among its equals.
+    sorted_keys, order = torch.sort(keys, stable=True)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group = torch.cumsum(starts, 0) - 1
+    first_rows = order[starts]  # one per site, sorted by key
+    rows, rank = torch.sort(first_rows)  # the output's rows: the sites' first rows in item order
+    out_of_group = torch.empty_like(rank)
+    out_of_group[rank] = torch.arange(len(rank), device=rank.device)
+    inverse = torch.empty_like(order)
+    inverse[order] = out_of_group[group]
+    feats = torch.cat([t.feats.to(dtype) for t in items])
+    if len(rows) == len(first):  # (item 0 holds every site: its rows are the output's first, in order)
+        return first.with_feats(first.feats.to(dtype).index_add(0, inverse[len(first):], feats[len(first):]))
+    summed = feats.new_zeros((len(rows), *feats.shape[1:])).index_add(0, inverse, feats)
+    return SparseTensor(summed, coords.index_select(0, rows), first.stride, validate=False)
 
 
 def _restricted_trusted(kmap, rows: torch.Tensor, coords: torch.Tensor):
