@@ -2508,6 +2508,31 @@ def test_majority_labels():
         majority_labels(inverse, labels - 10, 4, 255)
 
 
+def test_majority_labels_mixed_ignore_is_minkowski_engines_convention():
+    """MinkowskiEngine's sparse_quantize(labels=..., ignore_label=...) gives
+    ignore_label to a voxel whose points disagree; a port had only the
+    majority (ME [-100, 0] against [1, 0] here). ``mixed="ignore"`` is that
+    convention, checked against a loop over the voxels."""
+    inverse, labels = np.array([0, 0, 1, 1]), np.array([1, 2, 0, 0])
+    assert majority_labels(inverse, labels, 2, -100).tolist() == [1, 0]
+    assert majority_labels(inverse, labels, 2, -100, mixed="ignore").tolist() == [-100, 0]
+    rng = np.random.default_rng(0)
+    for ignore in (255, -100):
+        inverse = rng.integers(0, 70, 200)
+        labels = rng.choice([0, 1, 2, ignore], 200, p=[0.6, 0.15, 0.15, 0.1])
+        want = []
+        for v in range(80):  # (10 voxels without points)
+            held = set(labels[inverse == v].tolist())
+            want.append(held.pop() if len(held) == 1 else ignore)
+        got = majority_labels(inverse, labels, 80, ignore, mixed="ignore")
+        assert got.dtype == np.int64 and got.tolist() == want
+        assert (got != majority_labels(inverse, labels, 80, ignore)).sum() > 5
+    with pytest.raises(ValueError, match="mixed must be 'majority' or 'ignore'"):
+        majority_labels(inverse, labels, 80, -100, mixed="vote")
+    with pytest.raises(ValueError, match=">= 0"):
+        majority_labels(np.array([0]), np.array([-3]), 1, 255, mixed="ignore")
+
+
 def test_majority_labels_of_large_ids_and_bad_arguments():
     """voxel * (largest id + 1) left int64 for large ids: keys wrapped round
     and a voxel took another's class (or a negative one); a length mismatch

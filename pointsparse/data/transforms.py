@@ -126,11 +126,19 @@ def _int_array(value, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ignore_index: int) -> np.ndarray:
+def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ignore_index: int,
+                    mixed: str = "majority") -> np.ndarray:
     """Per-voxel majority of point ``labels`` (ignored points do not vote;
     ties: the smaller id): int64 ``(num_voxels,)``, ``ignore_index`` where
     no point votes. ``inverse[i]`` in ``[0, num_voxels)`` is the voxel of
-    point ``i``; labels are ``>= 0`` or ``ignore_index``."""
+    point ``i``; labels are ``>= 0`` or ``ignore_index``.
+
+    ``mixed="ignore"``: MinkowskiEngine's ``sparse_quantize(labels=...,
+    ignore_label=...)`` convention instead: a voxel whose points carry more
+    than one label (``ignore_index`` counted as one) is ``ignore_index``,
+    one whose points agree has their label."""
+    if mixed not in ("majority", "ignore"):
+        raise ValueError(f"mixed must be 'majority' or 'ignore'; got {mixed!r:.40}")
     inverse, labels = _int_array(inverse, "inverse"), _int_array(labels, "labels")
     if len(inverse) != len(labels):
         raise ValueError(f"inverse and labels must have one entry per point; got {len(inverse)} and {len(labels)}")
@@ -141,6 +149,17 @@ def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ig
         raise ValueError(f"inverse holds voxel rows outside [0, {num_voxels})")
     out = np.full(int(num_voxels), ignore_index, dtype=np.int64)
     keep = labels != ignore_index
+    if mixed == "ignore" and len(inverse):
+        if int(labels[keep].min(initial=0)) < 0:
+            raise ValueError(f"labels must be >= 0 or ignore_index ({ignore_index}); got {int(labels[keep].min())}")
+        # the voxels whose points carry one label: their first point's label; the others stay ignore_index
+        order = np.lexsort((labels, inverse))
+        vox, lab = inverse[order], labels[order]
+        start = np.r_[True, vox[1:] != vox[:-1]]
+        end = np.r_[start[1:], True]
+        agree = lab[start] == lab[end]
+        out[vox[start][agree]] = lab[start][agree]
+        return out
     if not keep.any():
         return out
     inv, lab = inverse[keep], labels[keep]
