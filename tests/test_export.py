@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -428,6 +429,37 @@ def test_trilinear_devoxelize_of_points_that_require_grad_compiles_as_eager():
     g1, = torch.autograd.grad(got.square().sum(), weight)
     g2, = torch.autograd.grad(want.square().sum(), weight)
     assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
+
+
+def test_union_in_a_compiled_model_runs_eagerly_between_graphs():
+    """nn.union's row count depends on the coords' values: under
+    torch.compile it runs eagerly between two graphs (eager's values and
+    gradients, no warning of an untraceable call), fullgraph=True refuses
+    it; importing pointsparse.nn imports no compiler for it (the CLI's
+    import test)."""
+    torch.manual_seed(0)
+    coords = [random_coords(80, extent=6, seed=s) for s in (4, 5)]
+    conv = spnn.Conv3d(3, 4, 3).double()
+
+    def run(fa, fb):  # (the tensors made outside the graph, as the README's compiled models take them)
+        return conv(spnn.union([a.with_feats(fa), b.with_feats(fb)])).feats
+
+    a, b = (ps.SparseTensor(torch.zeros(len(c), 3, dtype=torch.float64), c) for c in coords)
+
+    feats = [torch.randn(len(c), 3, dtype=torch.float64, requires_grad=True) for c in coords]
+    torch.compiler.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = torch.compile(run, backend="aot_eager")(*feats)
+    assert not [w for w in seen if "does not know how to trace" in str(w.message)]
+    want = run(*feats)
+    assert torch.equal(got, want)
+    g1 = torch.autograd.grad(got.square().sum(), feats)
+    g2 = torch.autograd.grad(want.square().sum(), feats)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="skipped|disable"):
+        torch.compile(run, fullgraph=True, backend="aot_eager")(*feats)
 
 
 def test_nearest_devoxelize_after_a_voxel_prune_compiles():

@@ -355,6 +355,36 @@ def test_devoxelize_trilinear_matches_reference(dtype, stride, voxel_size):
     assert bool((out[len(points):][qb[len(points):] == 2] == 0).all())  # batch 2 has no voxels
 
 
+@pytest.mark.parametrize("stride", [1, (2, 1, 4)])
+def test_trilinear_devoxelize_of_points_half_a_voxel_up_is_torchsparses_convention(stride):
+    """TorchSparse's voxel_to_point (calc_ti_weights) anchors a voxel's
+    value at its lower corner, where devoxelize anchors it at its centre;
+    the README's recipe for a port (points + 0.5 * voxel_size * stride)
+    gives TorchSparse's interpolation, checked against a loop written from
+    its rule: corners floor(u / s) * s and + s, in voxel units u, weights
+    1 - |u - corner| / s per axis, renormalised over the active corners."""
+    points, feats, _ = cloud(300, seed=9, dtype=torch.float64, batches=1)
+    vs = (0.3, 0.2, 0.25)
+    x = coarsen(ps.voxelize(points, feats, voxel_size=vs)[0], stride)
+    s = np.array(x.stride, float)
+    sites = {tuple(c[1:]): r for r, c in enumerate(x.coords.tolist())}
+    want = np.zeros((len(points), feats.shape[1]))
+    for i, u in enumerate(points.numpy() / np.array(vs)):
+        low = np.floor(u / s) * s
+        total, acc = 0.0, 0.0
+        for corner in np.ndindex(2, 2, 2):
+            at = low + np.array(corner) * s
+            row = sites.get(tuple(int(v) for v in at))
+            if row is not None:
+                w = float(np.prod(1 - np.abs(u - at) / s))
+                total, acc = total + w, acc + w * x.feats[row].numpy()
+        want[i] = acc / total if total > 0 else 0
+    shift = 0.5 * torch.tensor(vs, dtype=points.dtype) * torch.tensor(x.stride, dtype=points.dtype)
+    got = ps.devoxelize(x, points=points + shift, voxel_size=vs, mode="trilinear")
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
+    assert not np.allclose(ps.devoxelize(x, points=points, voxel_size=vs, mode="trilinear").numpy(), want, atol=1e-3)
+
+
 @pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 3)])
 def test_trilinear_core_finds_every_corner_of_a_half_filled_grid(stride):
     """The core searches a point's corners two by two along z (the second

@@ -606,8 +606,6 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
     return first.with_feats(a.feats + b.feats)
 
 
-@functools.partial(torch.compiler.disable, reason="nn.union: its output's row count depends on the coords' "
-                   "values; it runs eagerly (under torch.compile, a graph break)")
 def union(tensors, *more) -> SparseTensor:
     """Sum of tensors at one stride on sites that may differ (MinkowskiEngine's
     ``MinkowskiUnion``): the output holds every site any item holds, item 0's
@@ -623,6 +621,26 @@ def union(tensors, *more) -> SparseTensor:
     in every item's feats. Eager only: the output's row count depends on the
     coords' values (a graph break under ``torch.compile``, whose
     ``fullgraph=True`` and ``torch.export`` refuse it)."""
+    if torch.compiler.is_compiling():
+        return _union_outside_graphs()(tensors, *more)
+    return _union(tensors, *more)
+
+
+#: ``torch.compiler.disable`` of :func:`_union`, made at the first union
+#: traced by dynamo, not at import: making it imports torch's compiler (0.9 s
+#: of CPU), which a command that never compiles should not pay.
+_union_disabled = None
+
+
+def _union_outside_graphs():
+    global _union_disabled
+    if _union_disabled is None:
+        _union_disabled = torch.compiler.disable(
+            _union, reason="nn.union: its output's row count depends on the coords' values; it runs eagerly")
+    return _union_disabled
+
+
+def _union(tensors, *more) -> SparseTensor:
     if more:
         raise TypeError(f"union takes one list of SparseTensors (as cat); got {1 + len(more)} arguments "
                         "(give union([a, b, ...]))")
