@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import warnings
 import weakref
 from typing import Callable, Iterable, Sequence
 
@@ -881,7 +882,14 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
         raise ValueError(f"collate: the tensors hold {sum(sizes)} batches in all; batch indices must stay "
                          f"within [0, {_coords.BATCH_MAX}]")
     coords, offset = [], 0
-    for t, size in zip(tensors, sizes):
+    for i, (t, size) in enumerate(zip(tensors, sizes)):
+        if len(t) and not torch.compiler.is_compiling() and int(t.coords[:, 0].min()) > 0:
+            first = int(t.coords[:, 0].min())
+            warnings.warn(f"collate: item {i} holds no row of batch 0 (its smallest batch index is {first}); collate "
+                          f"shifts each item's batch indices past the items before, so its rows land at batch "
+                          f"{offset + first} and batch {offset} is empty (counted by the global poolings); make "
+                          "each scan with batch index 0 (voxelize's default) and let collate number them",
+                          stacklevel=2)
         c = t.coords.clone()
         c[:, 0] += offset
         offset += size

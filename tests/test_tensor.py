@@ -5,8 +5,10 @@ collate, empty tensors, and every bad input in a child process."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -303,11 +305,27 @@ def test_collate_gives_item_i_batch_index_i_after_empty_items():
     assert len(ps.collate([e, e])) == 0
     # the range check counts the empty item's batch too
     last = ps.SparseTensor(torch.zeros(1, 2), torch.tensor([[2**31 - 1, 0, 0, 0]], dtype=torch.int32))
-    assert ps.collate([last]).coords[:, 0].tolist() == [2**31 - 1]
+    with pytest.warns(UserWarning, match="item 0 holds no row of batch 0"):
+        assert ps.collate([last]).coords[:, 0].tolist() == [2**31 - 1]
     for items in ([e, last], [last, e]):
         with pytest.raises(ValueError, match=r"2147483649 batches in all"):
             ps.collate(items)
 
+
+
+def test_collate_of_scans_numbered_before_says_where_their_rows_land():
+    """A port of MinkowskiEngine's batched_coordinates numbered scan i with
+    batch index i and then collated: scan 1 landed at batch 2, and a global
+    pool gave 3 rows for 2 scans without a word. collate warns, naming the
+    item and where its rows land; scans made with batch 0 give no warning."""
+    scans = [ps.SparseTensor(torch.ones(2, 2), torch.tensor([[i, 1, 2, 3], [i, 4, 5, 6]], dtype=torch.int32))
+             for i in range(2)]
+    with pytest.warns(UserWarning, match=r"collate: item 1 holds no row of batch 0 \(its smallest batch index is "
+                                         r"1\); .* its rows land at batch 2 and batch 1 is empty"):
+        assert ps.collate(scans).batch_size == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ps.collate([scans[0], scans[0]]).batch_size == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
