@@ -537,6 +537,10 @@ class SparseTensor:
 
     def __init__(self, feats: torch.Tensor, coords: torch.Tensor, stride=1, *, cache: CoordinateCache | None = None,
                  validate: bool = True) -> None:
+        if torch.jit.is_tracing():  # (its trace of the core's calls was an empty tensor's allocation: garbage out)
+            raise TypeError("pointsparse does not run under TorchScript (torch.jit.trace or torch.jit.script): its "
+                            "operators leave no trace there; deploy with torch.export (pointsparse.export) or "
+                            "torch.compile")
         stride = as_triple(stride, "stride")
         if validate:
             if max(stride) > STRIDE_MAX:
@@ -563,6 +567,14 @@ class SparseTensor:
             if held is None:
                 _check_downsampled_from(cache, stride, coords)
                 _check_downsamples_to(cache, stride, coords)
+        elif torch.compiler.is_compiling():
+            # (validate=False, as the README's in-graph construction: the one check a graph's kernels cannot make,
+            # which took the first rows of longer feats silently; a check of symbols, no pass over the values)
+            torch._check(feats.shape[0] == coords.shape[0],
+                         lambda: "SparseTensor: feats and coords must have one row per site")
+        elif feats.shape[0] != coords.shape[0]:
+            raise ValueError(f"SparseTensor: feats and coords must have one row per site; got {feats.shape[0]} and "
+                             f"{coords.shape[0]} rows")
         self._feats = feats
         self._coords = coords
         self._stride = stride

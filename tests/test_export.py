@@ -431,6 +431,34 @@ def test_trilinear_devoxelize_of_points_that_require_grad_compiles_as_eager():
     assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
 
 
+def test_torchscript_is_refused_and_feats_of_other_rows_than_coords_too_in_a_graph():
+    """torch.jit.trace of a model under no_grad recorded an empty tensor's
+    allocation for the core's calls (its output: uninitialised memory; with
+    grad, 'unordered_map::at'): TorchScript is a TypeError naming what to
+    use. A tensor made in a compiled graph with validate=False (as the
+    README builds one there) took the first rows of longer feats silently;
+    now the graph refuses it, as eager does, naming the rows."""
+    conv = spnn.Conv3d(4, 8, 3)
+    coords = random_coords(120, extent=6, seed=3)
+
+    class Plain(torch.nn.Module):
+        def forward(self, f, c):
+            return conv(ps.SparseTensor(f, c, validate=False)).feats
+
+    feats = torch.randn(len(coords), 4)
+    with torch.no_grad(), pytest.raises(TypeError, match="does not run under TorchScript .*torch.export"):
+        torch.jit.trace(Plain(), (feats, coords), check_trace=False)
+    longer = torch.cat([feats, torch.randn(5, 4)])
+    with pytest.raises(ValueError, match=rf"one row per site; got {len(coords) + 5} and {len(coords)} rows"):
+        Plain()(longer, coords)
+    torch.compiler.reset()
+    compiled = torch.compile(Plain(), fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(feats, coords), Plain()(feats, coords))
+        with pytest.raises(Exception, match="feats and coords must have one row per site"):
+            compiled(longer, coords)
+
+
 def test_union_in_a_compiled_model_runs_eagerly_between_graphs():
     """nn.union's row count depends on the coords' values: under
     torch.compile it runs eagerly between two graphs (eager's values and
@@ -1831,6 +1859,8 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
     with pytest.raises(TypeError, match="this program takes voxels only"):
         model(xb, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"x must have feats \(N, C\) and coords \(N, 4\)"):
+        model(ps.SparseTensor(xb.feats[:, None], xb.coords, validate=False))
+    with pytest.raises(ValueError, match="feats and coords must have one row per site"):  # (validate=False too)
         model(ps.SparseTensor(xb.feats[:-1], xb.coords, validate=False))
     with pytest.raises(TypeError, match="meta must be None or the dict load returns"):
         export.ProgramModel(export.load(program)[0], [1, 2])
