@@ -325,6 +325,12 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     except (TypeError, ValueError) as error:  # a value JSON cannot hold (a set, a tensor, a cycle, ...)
         raise TypeError(f"meta must hold JSON values (str, finite numbers, bool, None, lists, dicts): {error}") \
             from None
+    held = _input_containers(program)
+    if held:  # (torch pickles the example inputs whole: load refuses a file of pickled objects)
+        raise ValueError(f"the program's inputs hold {', '.join(sorted(held))}: torch.export.save pickles such an "
+                         f"object whole, and export.load refuses a file of pickled Python objects; export the model "
+                         f"with export.export_model (its program takes feats and coords tensors), or export a "
+                         f"module whose forward takes tensors and builds the SparseTensor inside")
     check_out_path(path)
     from .checkpoint import atomic_write
 
@@ -333,6 +339,23 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     except (RuntimeError, OSError) as error:  # torch's archive writer: "open file failed", a full disk, ...
         raise ValueError(f"cannot write the exported program to {path} "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+
+
+def _input_containers(program: torch.export.ExportedProgram) -> set[str]:
+    """Names of the classes other than tuple, list and dict that hold the
+    program's example inputs (a SparseTensor given to torch.export.export)."""
+    example = program.example_inputs
+    if example is None:
+        return set()
+    found: set[str] = set()
+    todo = [torch.utils._pytree.tree_flatten(example)[1]]
+    while todo:
+        spec = todo.pop()
+        children = list(spec.children())
+        if spec.type not in (tuple, list, dict, None) and children:
+            found.add(spec.type.__name__)
+        todo.extend(children)
+    return found
 
 
 def _non_str_key(value, where: str, depth: int = 0) -> str | None:

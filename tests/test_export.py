@@ -1616,6 +1616,21 @@ def test_load_names_a_pipe_given_as_the_program(tmp_path):
             load(tmp_path / "model.pt2")
 
 
+def test_save_refuses_a_program_that_takes_a_sparse_tensor_which_load_would_refuse(tmp_path):
+    """torch.export.export of a module given a SparseTensor makes a program
+    whose example inputs torch.export.save pickles whole: export.save wrote
+    it and export.load (and ProgramModel.load) then refused the file as
+    pickled Python objects. save refuses it first, naming export_model."""
+    conv = spnn.Conv3d(4, 8, 3).eval()
+    x = export.example_input(4, voxel_size=0.5, seed=1)
+    program = torch.export.export(conv, (x,))
+    with pytest.raises(ValueError, match="the program's inputs hold SparseTensor: .*export.export_model"):
+        export.save(program, tmp_path / "direct.pt2")
+    assert not (tmp_path / "direct.pt2").exists()
+    export.save(export.export_model(conv, x), tmp_path / "made.pt2")
+    assert export.load(tmp_path / "made.pt2")[1] == {}
+
+
 def test_save_names_a_missing_folder(tmp_path):
     """export.save into a folder that does not exist: FileNotFoundError
     naming it (was torch's RuntimeError from its archive writer)."""
