@@ -24,7 +24,7 @@ from ..data.datasets import is_generated
 from ..data.transforms import check_voxel_extent
 from ..models import model_from_state
 from . import counted, metrics
-from .clouds import (TrainedFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite,
+from .clouds import (FittedClouds, TrainedFeatures, files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite,
                      warn_coarse_positions)
 from .distributed import pick_device
 from .scoring import EVAL_PREFIX, _inner, evaluate, loaded_frozen, point_level, write_report
@@ -167,23 +167,49 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
     config, program = state["config"], getattr(args, "program", None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
-    classes = list(source.classes or config["classes"])
-    check_data_classes(classes, config["classes"], "--data" if args.data else "the run's data", not is_generated(spec))
+    where = "--data" if args.data else "the run's data"
+    files = not is_generated(spec)
+    samples = source
+    if files:  # (generated scenes are made in memory; files are read cloud by cloud, twice, none kept: eval of
+        # SemanticKITTI's 4,071 validation scans held them all, about 18 GB). Every cloud is checked before any
+        # is scored, in one reading, the refusals in the order of the checks (labels, classes, label values,
+        # extents), each naming its first cloud.
+        source.keep = False
+        tally, features = LabelTally(len(_classes(source, config)), ignore_index), TrainedFeatures(config)
+        refused: dict[str, ValueError] = {}
+        for i in range(len(source)):
+            sample = source[i]
+            require_labels([sample], where)  # (an mIoU of unlabelled clouds is NaN)
+            for check, call in (("labels", lambda: tally.add(sample)),
+                                ("extent", lambda: check_voxel_extent(sample, config["voxel_size"]))):
+                try:
+                    call()
+                except ValueError as error:
+                    refused.setdefault(check, error)
+            warn_coarse_positions(sample, config["voxel_size"])
+            features.check(sample)
+        del sample, call  # (the last cloud checked, not held through the scoring)
+    else:
+        require_labels(source, where)
+    classes = _classes(source, config)
+    check_data_classes(classes, config["classes"], where, files)
     if source.classes is not None:  # (raw labels without a map: the ignore index is one of them by design)
         # (--ignore-index 0 read as "raw 0 is unlabeled", which the map ignores already, dropped class 0 unsaid)
-        _note_ignored_class(classes, ignore_index, f"the generated scenes ({spec[0]})" if is_generated(spec)
-                            else f"the label map {source.label_map.name!r}", None, " in the metrics")
-    check_scored_labels(source, len(classes), ignore_index, "--data" if args.data else "the run's data")
+        _note_ignored_class(classes, ignore_index, f"the label map {source.label_map.name!r}" if files
+                            else f"the generated scenes ({spec[0]})", None, " in the metrics")
+    if files:
+        if "labels" in refused:
+            raise refused["labels"]
+        tally.finish(source.label_map, where, "--label-map")
+        if "extent" in refused:
+            raise refused["extent"]
+        features.note(len(source))
+        samples = FittedClouds(source, features)  # (features the model never saw: 0)
+    else:
+        check_scored_labels(source, len(classes), ignore_index, where)
     if model is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
                                 args)
-    samples = source
-    if not is_generated(spec):  # (the clouds are read by now: require_labels)
-        for sample in source:
-            check_voxel_extent(sample, config["voxel_size"])  # (naming the file before any cloud is scored)
-            warn_coarse_positions(sample, config["voxel_size"])
-        samples = TrainedFeatures(config).fit_all(source)  # (features the model never saw: 0)
     dataset = VoxelDataset(samples, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     with loaded_frozen():
@@ -202,6 +228,11 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, EVAL_PREFIX)
         print(f"metrics: {Path(args.out) / (EVAL_PREFIX + 'metrics.json')}; pictures: {', '.join(report['pictures'].values())}")
     return 0
+
+
+def _classes(source, config: dict) -> list:
+    """The classes the data scored are read as: their label map's, else the run's."""
+    return list(source.classes or config["classes"])
 
 
 def check_data_classes(classes, checkpoint_classes, where: str, files: bool = True) -> None:
@@ -245,29 +276,54 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     from .scoring import refuse_together, shard
 
     distributed = dist is not None and dist.active
-    scored, error = False, None
-    points = kept = 0
+    tally, error = LabelTally(num_classes, ignore_index), None
     try:
         for i in (shard(len(source), dist.rank, dist.world) if distributed else range(len(source))):
-            sample = source[i]
-            count = len(scored_labels(sample.labels, num_classes, ignore_index, sample.name))
-            scored, points, kept = count > 0 or scored, points + len(sample.labels), kept + count
+            tally.add(source[i])
     except ValueError as refused:
         if not distributed:
             raise
         error = str(refused)
+    scored = tally.kept > 0
     if distributed:  # (every process learns every shard's outcome: all refuse together, with the same message)
         scored = any(refuse_together(dist, error, scored))
-    if not scored and not distributed and points == 0:  # (empty clouds: no label, ignored or not, to blame)
-        raise ValueError(f"{where}: the clouds hold no points: nothing to score")
-    if not scored:
-        raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
-                         "labels the label map does not list are ignored too): nothing to score")
-    if not distributed and not 0 <= ignore_index < num_classes:
-        label_map = getattr(source, "label_map", None)
-        if not warn_mostly_ignored(points, kept, ignore_index, label_map, where, flag):
-            # (a cloud of ignored labels beside good ones: the share of all points stayed under the bar)
-            warn_mostly_ignored_clouds(source, ignore_index, num_classes, label_map, where, flag)
+    tally.finish(getattr(source, "label_map", None), where, flag, scored, distributed)
+
+
+class LabelTally:
+    """What :func:`check_scored_labels` learns of the clouds, one at a time
+    (:meth:`add`: ``ValueError`` naming a cloud whose label is neither a
+    class index nor ``ignore_index``), so that eval checks its clouds in one
+    reading before it scores them in another, holding one at a time."""
+
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.points = self.kept = self.clouds = 0
+        self.heavy: list[tuple[str, float]] = []  # (name, ignored share) of the clouds mostly ignored
+
+    def add(self, sample) -> None:
+        count = len(scored_labels(sample.labels, self.num_classes, self.ignore_index, sample.name))
+        self.points, self.kept = self.points + len(sample.labels), self.kept + count
+        if len(sample.labels):
+            self.clouds += 1
+            share = 1 - count / len(sample.labels)
+            if share > MOSTLY_IGNORED:
+                self.heavy.append((str(sample.name), share))
+
+    def finish(self, label_map, where: str, flag: str, scored: bool | None = None, distributed: bool = False) -> None:
+        """The refusals and warnings of :func:`check_scored_labels` on what
+        was added (``scored``: whether any process scored a point, in a
+        distributed run)."""
+        scored = self.kept > 0 if scored is None else scored
+        if not scored and not distributed and self.points == 0:  # (empty clouds: no label, ignored or not, to blame)
+            raise ValueError(f"{where}: the clouds hold no points: nothing to score")
+        if not scored:
+            raise ValueError(f"{where}: every point's label is the ignore index {self.ignore_index} (--ignore-index; "
+                             "raw labels the label map does not list are ignored too): nothing to score")
+        if not distributed and not 0 <= self.ignore_index < self.num_classes:
+            if not warn_mostly_ignored(self.points, self.kept, self.ignore_index, label_map, where, flag):
+                # (a cloud of ignored labels beside good ones: the share of all points stayed under the bar)
+                _warn_heavy(self.heavy, self.clouds, label_map, where, flag)
 
 
 #: The share of ignored points above which :func:`warn_mostly_ignored` warns.
@@ -312,7 +368,13 @@ def warn_mostly_ignored_clouds(samples, ignore_index: int, num_classes: int, lab
         share = float(np.count_nonzero(np.asarray(labels) == ignore_index)) / len(labels)
         if share > MOSTLY_IGNORED:
             heavy.append((sample.name, share))
-    if heavy:
+    _warn_heavy(heavy, total, label_map, where, flag)
+
+
+def _warn_heavy(heavy: list, total: int, label_map, where: str, flag: str) -> None:
+    """:func:`warn_mostly_ignored_clouds`' warning of the clouds ``heavy``
+    ((name, ignored share) pairs) among ``total`` labelled ones."""
+    if heavy and label_map is not None:
         name, share = heavy[0]
         print(f"warning: {where}: {len(heavy)} of {total} labelled clouds have more than "
               f"{100 * MOSTLY_IGNORED:.0f}% of their points ignored, the first {name} ({100 * share:.1f}%): "

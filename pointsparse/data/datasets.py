@@ -125,9 +125,13 @@ class CloudFiles(Sequence[Sample]):
     all through ``label_map``, else through their formats' one default map
     (a ValueError where the clouds' formats have different ones), whose name
     ``default_map`` keeps (:func:`default_label_map`'s; None for raw labels,
-    and where ``label_map`` is given)."""
+    and where ``label_map`` is given). ``keep=False`` (or the attribute
+    ``keep`` set False later) keeps only the cloud read last: memory for one
+    cloud, whatever the files, each read again when asked for again
+    (``pointsparse eval`` reads its clouds so)."""
 
-    def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> None:
+    def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, keep: bool = True) -> None:
+        self.keep = as_bool(keep, "keep")
         ignore_index = _ignore_index(ignore_index)  # (here, not at the first cloud read in a loader's worker)
         self.paths = find_clouds(specs)
         if not self.paths:
@@ -147,7 +151,10 @@ class CloudFiles(Sequence[Sample]):
     def __getitem__(self, index: int) -> Sample:
         index = _item(index, len(self.paths))  # (a range took True for 1 and failed on a slice)
         if index not in self._cache:
-            self._cache[index] = read_cloud(self.paths[index], self.label_map, self.ignore_index)
+            sample = read_cloud(self.paths[index], self.label_map, self.ignore_index)
+            if not self.keep:
+                self._cache.clear()
+            self._cache[index] = sample
         return self._cache[index]
 
 
