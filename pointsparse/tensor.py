@@ -419,6 +419,19 @@ class CoordinateCache:
 FEATS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system has available (Linux's ``MemAvailable``),
+    or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def check_float_dtype(t: torch.Tensor, name: str, shape: str = "(N, C)") -> None:
     """A TypeError naming ``name`` unless ``t``'s dtype is one of
     :data:`FEATS_DTYPES` (float8 would pass a floating-point check)."""
@@ -778,14 +791,17 @@ class SparseTensor:
                       or int(self._coords[:, 0].max()) >= b):
                 raise ValueError(f"active sites fall outside the dense shape {shape}")
         out = self._dense_buffer(b, spatial, c)
-        if n:
-            out[self._coords[:, 0].long(), idx[:, 0], idx[:, 1], idx[:, 2]] = self._feats
+        if n:  # (written in place in the (B, C, X, Y, Z) grid: a (B, X, Y, Z, C) one permuted after took twice it)
+            out[self._coords[:, 0].long(), :, idx[:, 0], idx[:, 1], idx[:, 2]] = self._feats
         else:  # linked to the feats all the same (a zero gradient), as the layers' outputs are
-            out = out + self._feats[:0].sum(0)
-        return out.permute(0, 4, 1, 2, 3).contiguous()
+            out = out + self._feats[:0].sum(0)[:, None, None, None]
+        return out
 
     def _dense_buffer(self, b: int, spatial, c: int) -> torch.Tensor:
-        """The zeroed ``(B, X, Y, Z, C)`` grid, its size checked before allocating."""
+        """The zeroed ``(B, C, X, Y, Z)`` grid, its size checked before allocating:
+        against :data:`MAX_DENSE_BYTES`, and on the CPU against the memory the
+        system has available (Linux: a larger zeroed buffer was granted, then
+        the process killed as it wrote the zeros)."""
         numel = b * c
         for s in spatial:
             numel *= int(s)
@@ -793,8 +809,12 @@ class SparseTensor:
         if nbytes > MAX_DENSE_BYTES:
             raise ValueError(f"dense() of shape {(b, c, *spatial)} needs {nbytes / 2**30:.1f} GiB, over the "
                              f"{MAX_DENSE_BYTES / 2**30:.0f} GiB limit (crop or shift the coords, or pass a shape)")
+        free = available_memory() if self._feats.device.type == "cpu" else None
+        if free is not None and nbytes > free:
+            raise ValueError(f"dense() of shape {(b, c, *spatial)} needs {nbytes / 2**30:.1f} GiB, more than the "
+                             f"{free / 2**30:.1f} GiB of memory available (crop or shift the coords, or pass a shape)")
         try:
-            return self._feats.new_zeros((b, *spatial, c))
+            return self._feats.new_zeros((b, c, *spatial))
         except RuntimeError as exc:  # the allocator refused
             raise ValueError(f"dense() of shape {(b, c, *spatial)} ({nbytes / 2**30:.1f} GiB) could not be "
                              f"allocated: {exc}") from None

@@ -14,7 +14,7 @@ import torch
 
 import pointsparse as ps
 from pointsparse.tensor import CoordinateCache, as_triple
-from reference import dense_ref, run_in_children
+from reference import dense_ref, run_in_children, run_python
 
 
 def make(n=50, c=3, batches=2, stride=1, seed=0, dtype=torch.float32, lo=0, hi=8):
@@ -897,3 +897,37 @@ def test_sparse_layout_feats_and_coords_are_refused_naming_them():
         x = ps.SparseTensor(feats, coords)
         with pytest.raises(TypeError, match=r"feats must be a dense \(strided\) tensor; got .*sparse"):
             x.with_feats(sparse(feats))
+
+
+def test_dense_peaks_at_its_output_and_refuses_more_than_the_memory_available(monkeypatch):
+    """dense() filled a (B, X, Y, Z, C) grid and permuted it into a second,
+    contiguous copy: a peak of twice its output (a 2 GB result peaked at
+    +3.8 GB). It writes the (B, C, X, Y, Z) grid in place: in a child, the
+    resident peak of a 256 MiB dense() grows by about its output, not twice.
+    A grid larger than the memory the system has available (Linux's
+    MemAvailable) is a ValueError before allocating (the zeroed buffer was
+    granted, then the process killed as it wrote the zeros)."""
+    code = (
+        "import torch, pointsparse as ps\n"
+        "def peak():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024\n"
+        "x = ps.SparseTensor(torch.ones(2, 4), torch.tensor([[0, 0, 0, 0], [0, 255, 255, 255]], dtype=torch.int32))\n"
+        "ps.SparseTensor(torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.int32)).dense()  # (warm)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = peak()\n"
+        "d = x.dense()\n"
+        "print(peak() - before, d.numel() * 4, float(d.sum()), tuple(d.shape))\n")
+    run = run_python(code)
+    if run.returncode != 0 and "clear_refs" in run.stderr:
+        pytest.skip("this kernel does not reset the resident peak")
+    assert run.returncode == 0, run.stderr[-2000:]
+    grown, output, total, shape = run.stdout.split(maxsplit=3)
+    assert shape.strip() == "(1, 4, 256, 256, 256)" and float(total) == 8.0
+    assert int(output) == 2**28 and int(grown) < 1.3 * int(output), (grown, output)
+    x = ps.SparseTensor(torch.ones(2, 4), torch.tensor([[0, 0, 0, 0], [0, 9, 9, 9]], dtype=torch.int32))
+    from pointsparse import tensor as tensor_module
+    monkeypatch.setattr(tensor_module, "available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"needs 0.0 GiB, more than the 0.0 GiB of memory available"):
+        x.dense()
+    monkeypatch.setattr(tensor_module, "available_memory", lambda: None)
+    assert x.dense().shape == (1, 4, 10, 10, 10)
