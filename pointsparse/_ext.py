@@ -365,8 +365,17 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def call(fn, *args):
-    """Call a core function; the core raises ValueError for bad arguments."""
-    return fn(*args, num_threads())
+    """Call a core function; the core raises ValueError for bad arguments,
+    and a MemoryError naming the function where its output does not fit
+    (C++'s bare ``std::bad_alloc``: a kernel map of a large kernel over
+    dense sites, whose pairs are counted only as they are found)."""
+    try:
+        return fn(*args, num_threads())
+    except MemoryError as error:
+        name = getattr(fn, "__name__", "function")
+        raise MemoryError(f"the C++ core's {name} ran out of memory ({error or 'bad_alloc'}): what it makes (a "
+                          "kernel map's pairs, a conv's output rows) is larger than this process may allocate; "
+                          "use fewer sites, a smaller kernel or fewer channels") from None
 
 
 def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:

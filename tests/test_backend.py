@@ -253,3 +253,17 @@ def test_the_torch_path_sums_low_precision_input_gradients_in_float32(dtype):
         in_idx, out_idx = kmap.pairs(o)
         want.index_add_(0, in_idx, (grad[out_idx] @ w[o].t()).float())
     assert feats.grad.dtype == dtype and torch.equal(feats.grad, want.to(dtype))
+
+
+def test_a_core_call_out_of_memory_names_the_function():
+    """A kernel map of kernel 32 over a dense 40^3 cube (about 1e9 pairs)
+    ended in C++'s bare 'MemoryError: std::bad_alloc', naming nothing: the
+    core's calls name the function and what to shrink."""
+    from pointsparse import _ext
+
+    def kmap_mergesort(*args):
+        raise MemoryError("std::bad_alloc")
+
+    with pytest.raises(MemoryError, match=r"the C\+\+ core's kmap_mergesort ran out of memory \(std::bad_alloc\): "
+                                          r".*use fewer sites, a smaller kernel or fewer channels"):
+        _ext.call(kmap_mergesort, 1, 2)
