@@ -142,6 +142,11 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
     if not isinstance(points, torch.Tensor) or not points.is_floating_point():
         got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
         raise TypeError(f"points must be a float tensor (N, 3); got {got}")
+    if points.dtype in (torch.float16, torch.bfloat16):  # (cast with a bf16 model's inputs: 70-78% of the points
+        # of a sweep then lay outside their own voxel, within the check's margin, and the logits moved 10-26x more)
+        raise TypeError(f"points must be float32 or float64; got {points.dtype}, whose 8 or 11 bits place a point "
+                        "past 256 or 2048 voxels from the origin a voxel or more off (a bf16 or fp16 model takes "
+                        "float32 points)")
     for name, t in (("inverse", inverse), ("point_batch", point_batch)):
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
