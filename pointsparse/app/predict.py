@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import DirectoryLock, atomic_write
-from .clouds import raw_ids  # (exported here as before; clouds.check_format_maps, eval and prune take it too)
 from . import counted
+from .clouds import raw_ids  # (exported here as before; clouds.check_format_maps, eval and prune take it too)
 
 __all__ = ["add_arguments", "main", "raw_ids"]
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from .. import checkpoint
-from . import counted
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.datasets import is_generated
 from ..data.transforms import check_voxel_extent
@@ -36,7 +35,7 @@ from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE, MAX_RAYS
 from ..models import SyncBatchNorm, build_model, model_from_state
 from ..models.loading import negative_variance_entry, non_finite_entry
 from ..nn import BatchStatisticsError
-from . import metrics
+from . import counted, metrics
 from .cli import TRACEBACK_ENV, CommandParser, given_flags
 from .clouds import (FittedClouds, TrainedFeatures, held_features, nonfinite_hold, refuse_file_flags,
                      skips_nonfinite, warn_coarse_positions)
@@ -1067,8 +1066,8 @@ class TrainingJob:
             if self.start_epoch >= self.plan["epochs"]:
                 self.report_only = self._report_missing(resume_state, self.out)
             if self.report_only:
-                self.log(f"--resume {self.resume_path}: the run trained its {counted(self.start_epoch, 'epoch')}; its report "
-                         f"was missing ({self.out / 'metrics.json'}): validating its last epoch to write it")
+                self.log(f"--resume {self.resume_path}: the run trained its {counted(self.start_epoch, 'epoch')}; "
+                         f"its report was missing ({self.out / 'metrics.json'}): validating its last epoch to write it")
             elif self.start_epoch >= self.plan["epochs"]:
                 folder = self.resume_path.parent
                 hint = (f"; its folder holds no report of them: train --resume {self.resume_path} --out {folder} "
@@ -1498,7 +1497,8 @@ class TrainingJob:
         if min(args.epochs, fit) != self.plan["epochs"]:
             self.plan["epochs"] = min(args.epochs, fit)
             self._follow_plan()
-            self.log(f"time budget {args.time_budget} min: {counted(self.plan['epochs'], 'epoch')} of about {per_epoch:.0f} s")
+            self.log(f"time budget {args.time_budget} min: {counted(self.plan['epochs'], 'epoch')} of about "
+                     f"{per_epoch:.0f} s")
 
     def _fit_budget(self, done: int) -> tuple[int, float]:
         """(the epochs that fit ``--time-budget``, at least the ``done`` ones;

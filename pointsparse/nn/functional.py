@@ -11,16 +11,16 @@ import numpy as np
 import torch
 
 from .. import _ext
+from .. import coords as _coords
 from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
-from .. import coords as _coords
 from ..coords import check_has_data, check_strided
 from ..tensor import SparseTensor, as_bool, as_float, as_triple, nonnegative_int
 
-__all__ = ["conv3d", "add", "cat", "union", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "instance_norm",
-           "select_voxels", "keep_per_batch", "region_of", "engine_cost"]
+__all__ = ["conv3d", "add", "cat", "union", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool",
+           "instance_norm", "select_voxels", "keep_per_batch", "region_of", "engine_cost"]
 
 
 def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
