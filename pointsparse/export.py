@@ -1057,10 +1057,12 @@ class ProgramModel(nn.Module):
                 same, why = False, f" ({type(error).__name__}: {str(error)[:100]})"
             else:
                 why = "" if not isinstance(out, torch.Tensor) else f" (to {out.dtype} on {out.device})"
-            if not same:
-                raise ValueError(f"an exported program keeps the dtype and device it was exported with ({t.dtype} "
-                                 f"on {t.device}){why}: export the checkpoint again in the form wanted "
-                                 "(pointsparse export --inference bf16, ...)")
+            if not same:  # (the program's own dtype named, not the tensor's: a bf16 SPVCNN program keeps float32
+                # tensors in its point branch, and .double() and .bfloat16() named one dtype each)
+                raise ValueError(f"an exported program keeps the dtype and device it was exported with (a "
+                                 f"{self.dtype} program on {t.device}: it would turn its {t.dtype} tensors{why}); "
+                                 "export the checkpoint again in the form wanted (pointsparse export --inference "
+                                 "float32, fused or bf16)")
         return self
 
     def _call(self, *args):

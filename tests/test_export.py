@@ -1845,6 +1845,12 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
             assert exported["data"] == eager["data"] and exported["inference"] == inference
             assert exported["program"] == str(program) and "checkpoint" not in exported
         assert export.ProgramModel.load(program).point_level == (model == "spvcnn")
+    # (a bf16 SPVCNN program keeps float32 tensors in its point branch: .double() and .bfloat16() named one
+    # dtype each as the program's; both name the program's own now)
+    spv = export.ProgramModel.load(tmp_path / "spvcnn-bf16.pt2")
+    for convert in (spv.double, spv.bfloat16):
+        with pytest.raises(ValueError, match=r"\(a torch.bfloat16 program on cpu: it would turn its torch\."):
+            convert()
     program = tmp_path / "minkunet-bf16.pt2"
     capsys.readouterr()
     for flags, message in ((["--inference", "bf16"], "a program keeps the form it was exported in"),
@@ -2066,7 +2072,8 @@ def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     for convert in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16),
                     lambda m: m.to("meta")):
         with pytest.raises(ValueError, match=r"an exported program keeps the dtype and device it was exported "
-                                             r"with \(torch.float32 on cpu\) \(to "):
+                                             r"with \(a torch.float32 program on cpu: it would turn its "
+                                             r"torch.float32 tensors \(to "):
             convert(model)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="keeps the dtype and device it was exported with"):
