@@ -373,9 +373,10 @@ def call(fn, *args):
         return fn(*args, num_threads())
     except MemoryError as error:
         name = getattr(fn, "__name__", "function")
-        raise MemoryError(f"the C++ core's {name} ran out of memory ({error or 'bad_alloc'}): what it makes (a "
-                          "kernel map's pairs, a conv's output rows) is larger than this process may allocate; "
-                          "use fewer sites, a smaller kernel or fewer channels") from None
+        raise MemoryError(f"the C++ core's {name} ran out of memory ({str(error) or 'bad_alloc'}): what it makes "
+                          "(a kernel map's pairs, a conv's output rows, a voxelised cloud) is larger than this "
+                          "process may allocate; use fewer points or sites, a smaller kernel or fewer channels") \
+            from None
 
 
 def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:

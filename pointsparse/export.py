@@ -342,8 +342,10 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
 
 
 def _input_containers(program: torch.export.ExportedProgram) -> set[str]:
-    """Names of the classes other than tuple, list and dict that hold the
-    program's example inputs (a SparseTensor given to torch.export.export)."""
+    """``{"SparseTensor"}`` where a SparseTensor holds the program's example
+    inputs (given to torch.export.export: torch.export.save pickles it
+    whole), else empty (torch's own containers, an OrderedDict, save as
+    data)."""
     example = program.example_inputs
     if example is None:
         return set()
@@ -352,7 +354,7 @@ def _input_containers(program: torch.export.ExportedProgram) -> set[str]:
     while todo:
         spec = todo.pop()
         children = list(spec.children())
-        if spec.type not in (tuple, list, dict, None) and children:
+        if spec.type is SparseTensor:
             found.add(spec.type.__name__)
         todo.extend(children)
     return found
@@ -1172,7 +1174,8 @@ class ProgramModel(nn.Module):
             return out
         from .models.spvcnn import check_points
 
-        check_points(x, inverse, points, point_batch, values=not self.checks_points)
+        check_points(x, inverse, points, point_batch, values=not self.checks_points,
+                     sixteen_bit=self.points_dtype in (torch.float16, torch.bfloat16))
         if points.dtype != self.points_dtype:
             raise TypeError(f"points must be {self.points_dtype} ({self.source} takes them); got {points.dtype}")
         # (indices of any integer dtype, as SPVCNN takes them: the same rows, as the program's int64)

@@ -551,9 +551,8 @@ class SparseTensor:
     def __init__(self, feats: torch.Tensor, coords: torch.Tensor, stride=1, *, cache: CoordinateCache | None = None,
                  validate: bool = True) -> None:
         if torch.jit.is_tracing():  # (its trace of the core's calls was an empty tensor's allocation: garbage out)
-            raise TypeError("pointsparse does not run under TorchScript (torch.jit.trace or torch.jit.script): its "
-                            "operators leave no trace there; deploy with torch.export (pointsparse.export) or "
-                            "torch.compile")
+            raise TypeError("pointsparse does not run under torch.jit.trace (TorchScript): its operators leave no "
+                            "trace there; deploy with torch.export (pointsparse.export) or torch.compile")
         stride = as_triple(stride, "stride")
         if validate:
             if max(stride) > STRIDE_MAX:
@@ -580,6 +579,8 @@ class SparseTensor:
             if held is None:
                 _check_downsampled_from(cache, stride, coords)
                 _check_downsamples_to(cache, stride, coords)
+        elif not (isinstance(feats, torch.Tensor) and isinstance(coords, torch.Tensor)):
+            pass  # (a pytree map's leaves of another kind: torch.utils._pytree.tree_map(lambda t: t.shape, x))
         elif torch.compiler.is_compiling():
             # (validate=False, as the README's in-graph construction: the one check a graph's kernels cannot make,
             # which took the first rows of longer feats silently; a check of symbols, no pass over the values)
@@ -915,13 +916,14 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
                          f"within [0, {_coords.BATCH_MAX}]")
     coords, offset = [], 0
     for i, (t, size) in enumerate(zip(tensors, sizes)):
-        if len(t) and not torch.compiler.is_compiling() and int(t.coords[:, 0].min()) > 0:
+        if len(t) and getattr(t.cache, "origin", None) is None and not torch.compiler.is_compiling() \
+                and int(t.coords[:, 0].min()) > 0:  # (a VoxelPrune's selection may have emptied its batch 0)
             first = int(t.coords[:, 0].min())
+            empty = f"batch {offset} is" if first == 1 else f"batches {offset} to {offset + first - 1} are"
             warnings.warn(f"collate: item {i} holds no row of batch 0 (its smallest batch index is {first}); collate "
                           f"shifts each item's batch indices past the items before, so its rows land at batch "
-                          f"{offset + first} and batch {offset} is empty (counted by the global poolings); make "
-                          "each scan with batch index 0 (voxelize's default) and let collate number them",
-                          stacklevel=2)
+                          f"{offset + first} and {empty} empty (counted by the global poolings); make each scan "
+                          "with batch index 0 (voxelize's default) and let collate number them", stacklevel=2)
         c = t.coords.clone()
         c[:, 0] += offset
         offset += size

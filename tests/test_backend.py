@@ -267,5 +267,5 @@ def test_a_core_call_out_of_memory_names_the_function():
         raise MemoryError("std::bad_alloc")
 
     with pytest.raises(MemoryError, match=r"the C\+\+ core's kmap_mergesort ran out of memory \(std::bad_alloc\): "
-                                          r".*use fewer sites, a smaller kernel or fewer channels"):
+                                          r".*use fewer points or sites, a smaller kernel or fewer channels"):
         _ext.call(kmap_mergesort, 1, 2)

@@ -446,7 +446,7 @@ def test_torchscript_is_refused_and_feats_of_other_rows_than_coords_too_in_a_gra
             return conv(ps.SparseTensor(f, c, validate=False)).feats
 
     feats = torch.randn(len(coords), 4)
-    with torch.no_grad(), pytest.raises(TypeError, match="does not run under TorchScript .*torch.export"):
+    with torch.no_grad(), pytest.raises(TypeError, match=r"does not run under torch.jit.trace \(TorchScript\).*torch.export"):
         torch.jit.trace(Plain(), (feats, coords), check_trace=False)
     longer = torch.cat([feats, torch.randn(5, 4)])
     with pytest.raises(ValueError, match=rf"one row per site; got {len(coords) + 5} and {len(coords)} rows"):
@@ -1629,6 +1629,23 @@ def test_save_refuses_a_program_that_takes_a_sparse_tensor_which_load_would_refu
     assert not (tmp_path / "direct.pt2").exists()
     export.save(export.export_model(conv, x), tmp_path / "made.pt2")
     assert export.load(tmp_path / "made.pt2")[1] == {}
+
+    class Keyed(torch.nn.Module):  # (an OrderedDict of tensors is data: saved and loaded)
+        def forward(self, inputs):
+            return inputs["a"] * 2
+
+    import collections
+    keyed = torch.export.export(Keyed(), (collections.OrderedDict(a=torch.ones(3)),))
+    export.save(keyed, tmp_path / "keyed.pt2")
+    assert export.load(tmp_path / "keyed.pt2")[1] == {}
+
+    class Union(torch.nn.Module):
+        def forward(self, fa, ca, fb, cb):
+            return spnn.union([ps.SparseTensor(fa, ca, validate=False), ps.SparseTensor(fb, cb, validate=False)]).feats
+
+    a, b = random_coords(30, extent=4, seed=1), random_coords(30, extent=4, seed=2)
+    with pytest.raises(ValueError, match="nn.union cannot be exported"):
+        torch.export.export(Union(), (torch.ones(len(a), 2), a, torch.ones(len(b), 2), b))
 
 
 def test_save_names_a_missing_folder(tmp_path):

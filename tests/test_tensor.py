@@ -313,6 +313,18 @@ def test_collate_gives_item_i_batch_index_i_after_empty_items():
 
 
 
+def test_a_pytree_map_over_a_sparse_tensor_leaves_other_kinds_of_leaves():
+    """torch's tree_map over a SparseTensor rebuilds one from whatever the
+    function gives: the row check added with validate=False read .shape of
+    leaves that are no tensors (AttributeError); it checks tensors only."""
+    import torch.utils._pytree as pytree
+
+    x = make(n=10, seed=1)
+    shapes = pytree.tree_map(lambda t: t.shape, x)
+    assert isinstance(shapes, ps.SparseTensor) and shapes.feats == x.feats.shape
+    assert pytree.tree_map(lambda t: t, x).coords is x.coords
+
+
 def test_collate_of_scans_numbered_before_says_where_their_rows_land():
     """A port of MinkowskiEngine's batched_coordinates numbered scan i with
     batch index i and then collated: scan 1 landed at batch 2, and a global

@@ -125,10 +125,11 @@ class CloudFiles(Sequence[Sample]):
     all through ``label_map``, else through their formats' one default map
     (a ValueError where the clouds' formats have different ones), whose name
     ``default_map`` keeps (:func:`default_label_map`'s; None for raw labels,
-    and where ``label_map`` is given). ``keep=False`` (or the attribute
-    ``keep`` set False later) keeps only the cloud read last: memory for one
-    cloud, whatever the files, each read again when asked for again
-    (``pointsparse eval`` reads its clouds so)."""
+    and where ``label_map`` is given). ``keep=False`` keeps only the cloud
+    read last: memory for one cloud, whatever the files, each read again
+    when asked for again (``pointsparse eval`` reads its clouds so); the
+    attribute ``keep`` set False later drops what was kept at the next
+    read of a cloud not kept."""
 
     def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, keep: bool = True) -> None:
         self.keep = as_bool(keep, "keep")

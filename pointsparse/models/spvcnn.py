@@ -132,17 +132,19 @@ def _as_index(t):
 
 
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
-                 point_batch: torch.Tensor, values: bool = True) -> torch.Tensor | None:
+                 point_batch: torch.Tensor, values: bool = True, sixteen_bit: bool = False) -> torch.Tensor | None:
     """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
     ``ValueError`` naming them, and one on another device than ``voxels``;
     ``inverse``'s rows, ``point_batch`` and the points' positions against
     the voxels too: :func:`checked_point_coords`, in a traced graph as its
     operator; ``values=False``: the types and shapes only, None returned);
-    returns the points' voxel coords ``voxels.coords[inverse]``."""
+    returns the points' voxel coords ``voxels.coords[inverse]``. 16-bit
+    points are a TypeError unless ``sixteen_bit`` (a program exported before
+    stop 75 that takes them)."""
     if not isinstance(points, torch.Tensor) or not points.is_floating_point():
         got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
         raise TypeError(f"points must be a float tensor (N, 3); got {got}")
-    if points.dtype in (torch.float16, torch.bfloat16):  # (cast with a bf16 model's inputs: 70-78% of the points
+    if points.dtype in (torch.float16, torch.bfloat16) and not sixteen_bit:  # (cast with a bf16 model's inputs: 70-78% of the points
         # of a sweep then lay outside their own voxel, within the check's margin, and the logits moved 10-26x more)
         raise TypeError(f"points must be float32 or float64; got {points.dtype}, whose 8 or 11 bits place a point "
                         "past 256 or 2048 voxels from the origin a voxel or more off (a bf16 or fp16 model takes "

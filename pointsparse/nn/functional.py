@@ -98,12 +98,11 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
     multiply-adds (x2) it runs: a bfloat16 weight in inference on a CPU
     with AVX512-BF16 as the bf16 kernels run it
     (:func:`pointsparse.nn._engine.bf16_cost`); with a ``kernel_region``,
-    elsewhere, wanting a gradient, or a float16 weight wanting one (the
-    float32 kernels on the values widened, "bf16 on float32":
-    :func:`_eager_path`) as the float32 kernels run them; under
-    ``torch.autocast`` a float32 weight the core serves in autocast's
-    precision. Where conv3d runs the pure-torch path instead (a float16
-    weight in inference, ``backend("torch")``, a device other than the
+    elsewhere, wanting a gradient, or a float16 weight (the float32
+    kernels on the values widened, "bf16 on float32": :func:`_eager_path`)
+    as the float32 kernels run them; under ``torch.autocast`` a float32
+    weight the core serves in autocast's precision. Where conv3d runs the
+    pure-torch path instead (``backend("torch")``, a device other than the
     CPU), ``"torch"`` and what its sum runs
     (:func:`pointsparse.nn.reference.torch_flops`: every pair of every
     offset times the whole matrix; off the CPU, where its columns fit, one
@@ -232,8 +231,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     inference (no gradient wanted) on a CPU with AVX512-BF16 runs the bf16
     kernels, which skip all-zero offsets and run a weight sparse in bf16
     vectors in their own vector form (``nn._engine.bf16_forward``); a bf16
-    conv with a ``kernel_region`` or without those kernels, and a bf16 or
-    fp16 conv that wants a gradient, run the float32 kernels on the widened
+    conv with a ``kernel_region`` or without those kernels, a bf16 conv that
+    wants a gradient, and an fp16 conv, run the float32 kernels on the widened
     values, rounded once (:func:`_eager_path`'s "bf16 on float32").
 
     ``add``: a SparseTensor on the output's coords (a residual block's
@@ -621,6 +620,9 @@ def union(tensors, *more) -> SparseTensor:
     in every item's feats. Eager only: the output's row count depends on the
     coords' values (a graph break under ``torch.compile``, whose
     ``fullgraph=True`` and ``torch.export`` refuse it)."""
+    if torch.compiler.is_exporting():  # (non-strict export traced into the core's calls: a bare .numpy() error)
+        raise ValueError("nn.union cannot be exported: its output's row count depends on the coords' values; "
+                         "export the model's parts before and after it")
     if torch.compiler.is_compiling():
         return _union_outside_graphs()(tensors, *more)
     return _union(tensors, *more)

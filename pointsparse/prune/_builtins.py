@@ -98,7 +98,7 @@ def _sparse_flops(m, weight, inputs, output, pair_counts):
     """``2 * sum_o pairs(o) * nnz(W[o])``, the dense count, and what the call
     executes: on the engine's kernels what they run
     (:func:`pointsparse.nn.functional.engine_cost`), on the pure-torch path
-    (``backend("torch")``, a float16 conv in inference, another device) what
+    (``backend("torch")``, another device) what
     its sum runs (``execution`` "torch": every pair of every offset, an
     all-zero one or one outside the region too; see
     :func:`pointsparse.nn.reference.torch_flops`), both as

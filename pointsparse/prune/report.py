@@ -38,8 +38,8 @@ offsets and offsets outside a ``kernel_region`` are skipped, "vector" when
 only the nonzero (offset, input channel, column panel) vectors run, "tiles"
 when a bfloat16 conv runs dense on the AMX tiles; see
 ``pointsparse.nn.functional.engine_cost``), or where the call ran on the
-pure-torch path instead (``pointsparse.backend("torch")``, a float16 conv
-in inference, a device other than the CPU) ``execution`` "torch", every
+pure-torch path instead (``pointsparse.backend("torch")``, a device other
+than the CPU) ``execution`` "torch", every
 pair of every offset times the whole ``(C_in, C_out)`` matrix (all-zero
 offsets and offsets outside a ``kernel_region`` too; on another device,
 where its columns fit, one product over ``K`` columns per output site:
@@ -53,7 +53,7 @@ map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
 whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
 (and gives FLOPs without running the model: then executed as a conv3d
 call in inference on the CPU would run them, the engine's kernels or,
-for a float16 weight or under ``backend("torch")``, the torch path's sum). The given counts are one call's
+under ``backend("torch")``, the torch path's sum). The given counts are one call's
 (one kernel map's): with an example input they replace the counts of every
 call of the layer, so a conv run twice in the forward counts them twice, as
 it counts its own maps; without one, the layer's FLOPs are one call's. To
