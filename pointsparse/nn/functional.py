@@ -17,7 +17,7 @@ from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
 from ..coords import check_has_data, check_strided
-from ..tensor import SparseTensor, as_bool, as_float, as_triple, nonnegative_int
+from ..tensor import SparseTensor, as_bool, as_float, as_triple, items_of, nonnegative_int
 
 __all__ = ["conv3d", "add", "cat", "union", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool",
            "instance_norm", "select_voxels", "keep_per_batch", "region_of", "engine_cost"]
@@ -646,18 +646,9 @@ def _union(tensors, *more) -> SparseTensor:
     if more:
         raise TypeError(f"union takes one list of SparseTensors (as cat); got {1 + len(more)} arguments "
                         "(give union([a, b, ...]))")
-    if isinstance(tensors, SparseTensor):
-        raise TypeError("union takes a list of SparseTensors; got one SparseTensor (give [a, b, ...])")
-    try:
-        items = list(iter(tensors))
-    except TypeError:
-        raise TypeError(f"union takes a list of SparseTensors; got {type(tensors).__name__}") from None
-    if not items:
-        raise ValueError("union needs at least one SparseTensor")
+    items = items_of(tensors, SparseTensor, "union", "a, b, ...")
     first = items[0]
     for i, t in enumerate(items):
-        if not isinstance(t, SparseTensor):
-            raise TypeError(f"union takes SparseTensors; item {i} is {type(t).__name__}")
         if t.device != first.device:
             raise ValueError(f"union: item {i} is on {t.device} but item 0 on {first.device}")
         if t.stride != first.stride:
