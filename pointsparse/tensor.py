@@ -432,6 +432,28 @@ def available_memory() -> int | None:
     return None
 
 
+def check_memory_for(nbytes: int, device, what: str, hint: str) -> None:
+    """A ValueError naming ``what`` where ``nbytes`` on ``device`` (None:
+    torch's default device, ``with torch.device(...)``'s) are more than the
+    system has available, checked on the CPU only (Linux's
+    ``MemAvailable``; overcommit granted a larger buffer, then the process
+    was killed as it wrote the first values). ``hint``: what to shrink."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type != "cpu":
+        return
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} needs {_bytes_text(nbytes)}, more than the {_bytes_text(free)} of memory "
+                         f"available ({hint})")
+
+
+def _bytes_text(nbytes: int) -> str:
+    """``nbytes`` for a message: GiB from 1 GiB up, MiB below, bytes below 1 MiB."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
 def check_float_dtype(t: torch.Tensor, name: str, shape: str = "(N, C)") -> None:
     """A TypeError naming ``name`` unless ``t``'s dtype is one of
     :data:`FEATS_DTYPES` (float8 would pass a floating-point check)."""
@@ -810,10 +832,8 @@ class SparseTensor:
         if nbytes > MAX_DENSE_BYTES:
             raise ValueError(f"dense() of shape {(b, c, *spatial)} needs {nbytes / 2**30:.1f} GiB, over the "
                              f"{MAX_DENSE_BYTES / 2**30:.0f} GiB limit (crop or shift the coords, or pass a shape)")
-        free = available_memory() if self._feats.device.type == "cpu" else None
-        if free is not None and nbytes > free:
-            raise ValueError(f"dense() of shape {(b, c, *spatial)} needs {nbytes / 2**30:.1f} GiB, more than the "
-                             f"{free / 2**30:.1f} GiB of memory available (crop or shift the coords, or pass a shape)")
+        check_memory_for(nbytes, self._feats.device, f"dense() of shape {(b, c, *spatial)}",
+                         "crop or shift the coords, or pass a shape")
         try:
             return self._feats.new_zeros((b, c, *spatial))
         except RuntimeError as exc:  # the allocator refused

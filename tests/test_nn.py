@@ -315,6 +315,36 @@ def test_pool_and_module_errors():
             spnn.Conv3d(*args)
 
 
+def test_weights_larger_than_the_memory_available_are_refused_before_allocating(monkeypatch):
+    """A weight within the value limit but over the memory the system has
+    (Conv3d(1, 2**31, 1): 8 GiB, granted by overcommit, then the process
+    killed as reset_parameters wrote it) is refused naming the layer, on the
+    CPU only, counting the dtype's bytes; a meta-device build allocates
+    nothing and is not refused. The models' builders check their parameter
+    total the same way before any layer is built."""
+    from pointsparse import tensor as tensor_module
+    from pointsparse.models import SPVCNN, MinkUNet
+
+    monkeypatch.setattr(tensor_module, "available_memory", lambda: 1000)  # (27 x 4 x 4 float32: 1,728 bytes)
+    with pytest.raises(ValueError, match=r"Conv3d weight of kernel_size \(3, 3, 3\) x in_channels 4 x out_channels "
+                                         r"4 needs 1,728 bytes, more than the 1,000 bytes of memory available"):
+        spnn.Conv3d(4, 4, 3)
+    assert spnn.Conv3d(4, 4, 3, dtype=torch.bfloat16).weight.dtype == torch.bfloat16  # (864 bytes)
+    assert spnn.Conv3d(4, 4, 3, device="meta").weight.is_meta
+    with torch.device("meta"):
+        assert spnn.Conv3d(4, 4, 3).weight.is_meta
+    built = []
+    monkeypatch.setattr(spnn.Conv3d, "reset_parameters", lambda self: built.append(self))
+    for cls in (MinkUNet, SPVCNN):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\(in_channels=3, num_classes=2, cr=0.125, blocks=1\) "
+                                             r"with [\d,]+ parameter values needs [\d,]+ bytes, more than the 1,000 "
+                                             r"bytes of memory available \(use a smaller cr"):
+            cls(3, 2, cr=0.125, blocks=1)
+    assert not built
+    monkeypatch.setattr(tensor_module, "available_memory", lambda: None)  # (no /proc/meminfo: not checked)
+    assert spnn.Conv3d(4, 4, 3).weight.shape == (27, 4, 4)
+
+
 def test_channel_counts_accept_numpy_and_tensor_integers():
     import numpy as np
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .. import nn as spnn
 from ..nn._hooks import SparseBackwardHooks
 from ..nn.fuse import has_hooks, has_output_hooks
-from ..tensor import SparseTensor, as_float, positive_int
+from ..tensor import SparseTensor, as_float, check_memory_for, positive_int
 
 # Output widths of the stem, the four encoder and the four decoder stages.
 BASE_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
@@ -153,6 +154,9 @@ def check_parameters(model: str, total: int, in_channels: int, num_classes: int,
         raise ValueError(f"{model}(in_channels={in_channels}, num_classes={num_classes}, cr={cr}, blocks={blocks}) "
                          f"would have {total:,} parameter values; at most {MAX_PARAMETERS:,} (2^31) in all "
                          "(use a smaller cr, blocks or channel count)")
+    check_memory_for(total * torch.get_default_dtype().itemsize, None,
+                     f"{model}(in_channels={in_channels}, num_classes={num_classes}, cr={cr}, blocks={blocks}) with "
+                     f"{total:,} parameter values", "use a smaller cr, blocks or channel count")
 
 
 class MinkUNet(SparseBackwardHooks, nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import _ext
 from ..kmap import _device, check_kernel
-from ..tensor import FEATS_DTYPES, SparseTensor, as_bool, as_float, as_triple, positive_int
+from ..tensor import FEATS_DTYPES, SparseTensor, as_bool, as_float, as_triple, check_memory_for, positive_int
 from . import functional as F
 from ._hooks import SparseBackwardHooks
 
@@ -174,7 +174,9 @@ class Conv3d(SparseBackwardHooks, nn.Module):
     ``torch.nn.Conv3d`` takes them; None: torch's defaults). ``device="meta"``
     (also ``torch.nn.utils.skip_init``, or ``with torch.device("meta")``)
     allocates nothing; ``to_empty(device=...)`` then ``reset_parameters()``
-    gives the initialised conv."""
+    gives the initialised conv. A weight of more than :data:`MAX_WEIGHT_ELEMENTS`
+    values, or on the CPU of more bytes than the system has available, is a
+    ValueError before anything is allocated."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
                  bias: bool = False, transposed: bool = False, kernel_region=None, *, device=None,
@@ -198,6 +200,10 @@ class Conv3d(SparseBackwardHooks, nn.Module):
                              f"values is over the limit of {MAX_WEIGHT_ELEMENTS:,} (2^31)")
         factory = _factory_kwargs(device, dtype)  # (checked before anything is allocated)
         region = F.region_of(self.kernel_size, kernel_region)
+        check_memory_for(self.kernel_volume * in_channels * out_channels * factory.get(
+                             "dtype", torch.get_default_dtype()).itemsize, factory.get("device"),
+                         f"a Conv3d weight of kernel_size {self.kernel_size} x in_channels {in_channels} x "
+                         f"out_channels {out_channels}", "use fewer channels, or build it on the meta device")
         self.kernel_region = None if region is None else tuple(int(i) for i in region.nonzero().flatten())
         self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
