@@ -73,11 +73,13 @@ def voxelize(
     batch: npt.NDArray[np.int64] | None,
     mode: int,
     num_threads: int,
+    with_arg: bool = True,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], np.ndarray,
            npt.NDArray[np.int64]]:
     """quantize + unique_keys + unpack_keys + segment_reduce in one call:
     (coords (M, 4) int32 sorted by key, inverse (N,), perm (N,), seg_ptr
-    (M + 1,), reduced feats (M, C), arg as segment_reduce's). ValueError
+    (M + 1,), reduced feats (M, C), arg as segment_reduce's; empty with
+    ``with_arg=False``, where no gradient needs it). ValueError
     naming the argument (points, feats, voxel_size, batch, mode) or the row."""
 
 def trilinear_neighbors(

@@ -364,13 +364,14 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def call(fn, *args):
+def call(fn, *args, **keywords):
     """Call a core function; the core raises ValueError for bad arguments,
     and a MemoryError naming the function where its output does not fit
     (C++'s bare ``std::bad_alloc``: a kernel map of a large kernel over
-    dense sites, whose pairs are counted only as they are found)."""
+    dense sites, whose pairs are counted only as they are found).
+    ``keywords`` follow the thread count."""
     try:
-        return fn(*args, num_threads())
+        return fn(*args, num_threads(), **keywords)
     except MemoryError as error:
         name = getattr(fn, "__name__", "function")
         raise MemoryError(f"the C++ core's {name} ran out of memory ({str(error) or 'bad_alloc'}): what it makes "

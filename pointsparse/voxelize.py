@@ -303,6 +303,18 @@ class _SegmentReduce(torch.autograd.Function):
         return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
 
 
+def _voxelize_core(feats, points, voxel_size, batch, mode: int, with_arg: bool = True):
+    """The core's one-call voxelisation: ``(reduced, coords, inverse,
+    seg_ptr, arg)``; ``with_arg=False`` where no gradient will need ``arg``
+    (then empty: a max's source rows were an int64 ``(M, C)``, twice the
+    float32 output, made under ``no_grad`` too)."""
+    b = None if batch is None else _ext.to_numpy(batch)
+    out = _ext.call(_ext.core.voxelize, _points_np(points), _ext.to_numpy(feats), list(voxel_size), b, mode,
+                    with_arg=with_arg)
+    coords, inverse, _perm, seg_ptr, reduced, arg = (_ext.to_tensor(a) for a in out)
+    return reduced, coords, inverse, seg_ptr, arg
+
+
 class _VoxelizeCore(torch.autograd.Function):
     """The whole voxelisation in one core call (quantise, group, reduce):
     ``(reduced, coords, inverse, seg_ptr, arg)``, differentiable in ``feats``
@@ -311,10 +323,7 @@ class _VoxelizeCore(torch.autograd.Function):
 
     @staticmethod
     def forward(feats, points, voxel_size, batch, mode: int):
-        b = None if batch is None else _ext.to_numpy(batch)
-        out = _ext.call(_ext.core.voxelize, _points_np(points), _ext.to_numpy(feats), list(voxel_size), b, mode)
-        coords, inverse, _perm, seg_ptr, reduced, arg = (_ext.to_tensor(a) for a in out)
-        return reduced, coords, inverse, seg_ptr, arg
+        return _voxelize_core(feats, points, voxel_size, batch, mode)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -449,7 +458,10 @@ def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):
     # ops, whose own rules carry them (the core's Functions have neither); the grouping is the same
     in_torch = _ext.carries_tangent(feats) or _ext.batched(feats)
     if not in_torch and _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
-        out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])[:3]
+        if torch.is_grad_enabled() and feats.requires_grad:
+            out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])[:3]
+        else:  # (no gradient: no source rows of the max / first)
+            out_feats, coords, inverse = _voxelize_core(feats, points, vs, batch, REDUCE_MODES[reduce], False)[:3]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     _check_finite(points)
     coords, inverse, perm, seg_ptr = _group(points, vs, batch)

@@ -889,6 +889,40 @@ def test_core_voxelize_equals_the_torch_path(mode, points_dtype, feats_dtype):
         assert torch.equal(arg, t_arg)
     else:
         assert arg.numel() == 0
+    # with_arg=False (no gradient to route): the same voxels and reduced values, no source rows made
+    *same, bare, no_arg = _ext.core.voxelize(p, feats.numpy(), [0.4, 0.3, 0.5], batch.numpy(), mode, 2,
+                                             with_arg=False)
+    for got, want in zip(same, (coords, inverse, perm, seg_ptr)):
+        assert torch.equal(torch.from_numpy(got), want)
+    torch.testing.assert_close(torch.from_numpy(bare), out, rtol=0, atol=0, equal_nan=True)
+    assert no_arg.shape == (0,)
+
+
+@pytest.mark.parametrize("reduce", ["max", "first", "mean"])
+def test_voxelize_makes_no_source_rows_where_no_gradient_needs_them(reduce, monkeypatch):
+    """voxelize under no_grad (or of feats that need no gradient) asks the
+    core for no max / first source rows: an int64 (M, C), twice a float32
+    output, kept until the tensor died. Its values are the gradient-taking
+    call's; a call that needs a gradient still gets them (and its gradient
+    is checked against the torch path's)."""
+    points, feats, batch = cloud(2000, seed=5, dtype=torch.float64, batches=2)
+    asked, core = [], _ext.core.voxelize
+    monkeypatch.setattr(_ext.core, "voxelize", lambda *a, **k: asked.append(k.get("with_arg", True)) or core(*a, **k))
+    with torch.no_grad():
+        quiet, inverse = V.voxelize(points, feats, 0.3, batch=batch, reduce=reduce)
+    plain = V.voxelize(points, feats, 0.3, batch=batch, reduce=reduce)[0]
+    leaf = feats.clone().requires_grad_()
+    taking = V.voxelize(points, leaf, 0.3, batch=batch, reduce=reduce)[0]
+    assert asked == [False, False, True]
+    for other in (plain, taking):
+        assert torch.equal(quiet.coords, other.coords) and torch.equal(quiet.feats, other.feats.detach())
+    grad = torch.randn_like(taking.feats)
+    taking.feats.backward(grad)
+    monkeypatch.setattr(V._ext, "serves", lambda *a, **k: False)  # (the torch path's gradient)
+    ref_leaf = feats.clone().requires_grad_()
+    ref = V.voxelize(points, ref_leaf, 0.3, batch=batch, reduce=reduce)[0]
+    ref.feats.backward(grad)
+    assert torch.equal(leaf.grad, ref_leaf.grad)
 
 
 @pytest.mark.parametrize("n", [0, 1])

@@ -47,9 +47,11 @@ void check_mode(int mode) {
     value_error("mode must be 0 (sum), 1 (mean), 2 (max) or 3 (first)");
 }
 
-// arg of a reduction: (m, c) for max, (m,) for first, empty otherwise.
-py::array_t<int64_t> reduce_arg(int mode, int64_t m, int64_t c) {
-  return mode == voxelize::kMax ? empty_array<int64_t>({m, c})
+// arg of a reduction: (m, c) for max, (m,) for first, empty otherwise (and
+// where the caller needs none: no gradient to route).
+py::array_t<int64_t> reduce_arg(int mode, int64_t m, int64_t c, bool wanted = true) {
+  return !wanted ? empty_array<int64_t>({0})
+         : mode == voxelize::kMax ? empty_array<int64_t>({m, c})
          : mode == voxelize::kFirst ? empty_array<int64_t>({m})
                                     : empty_array<int64_t>({0});
 }
@@ -115,7 +117,7 @@ py::tuple segment_reduce(py::array feats, carray<int64_t> perm, carray<int64_t> 
 // The whole of pointsparse.voxelize in one call: (coords (M, 4) int32,
 // inverse (N,), perm (N,), seg_ptr (M + 1,), feats (M, C), arg).
 py::tuple voxelize_points(py::array points, py::array feats, std::vector<double> voxel_size, py::object batch_obj,
-                          int mode, int num_threads) {
+                          int mode, int num_threads, bool with_arg) {
   points = points_arg(points);
   const int64_t n = points.shape(0);
   check_2d(feats, -1, "feats");
@@ -142,11 +144,11 @@ py::tuple voxelize_points(py::array points, py::array feats, std::vector<double>
     auto coords = empty_array<int32_t>({m, 4});
     auto seg = empty_array<int64_t>({m + 1});
     auto out = empty_array<F>({m, c});
-    auto arg = reduce_arg(mode, m, c);
+    auto arg = reduce_arg(mode, m, c, with_arg);
     {
       py::gil_scoped_release release;
       voxelize::voxel_coords(voxels, coords.mutable_data(), seg.mutable_data(), stream_threads(num_threads, m));
-      voxelize::reduce(x.data(), c, pm, seg.data(), m, mode, out.mutable_data(), arg.mutable_data(),
+      voxelize::reduce(x.data(), c, pm, seg.data(), m, mode, out.mutable_data(), with_arg ? arg.mutable_data() : nullptr,
                        threads(num_threads, n * std::max<int64_t>(c, 1)));
     }
     return py::make_tuple(coords, inverse, perm, seg, out, arg);
@@ -209,9 +211,10 @@ void bind_voxelize(py::module_& m) {
         py::arg("mode"), py::arg("num_threads"),
         "Reduce rows perm[seg_ptr[j]:seg_ptr[j+1]] of feats: mode 0 sum, 1 mean, 2 max, 3 first.");
   m.def("voxelize", &voxelize_points, py::arg("points"), py::arg("feats"), py::arg("voxel_size"),
-        py::arg("batch"), py::arg("mode"), py::arg("num_threads"),
+        py::arg("batch"), py::arg("mode"), py::arg("num_threads"), py::arg("with_arg") = true,
         "(coords (M, 4) int32, inverse (N,), perm (N,), seg_ptr (M + 1,), feats (M, C), arg): quantise, "
-        "group and reduce in one call (mode as segment_reduce); ValueError naming a bad argument or row.");
+        "group and reduce in one call (mode as segment_reduce; with_arg=False: arg empty, none made); ValueError "
+        "naming a bad argument or row.");
   m.def("trilinear_neighbors", &trilinear_neighbors, py::arg("points"), py::arg("batch"),
         py::arg("voxel_size"), py::arg("stride"), py::arg("layout"), py::arg("sorted_keys"), py::arg("sorted_rows"),
         py::arg("num_voxels"), py::arg("num_threads"),

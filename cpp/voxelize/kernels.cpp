@@ -172,19 +172,28 @@ void reduce(const F* x, int64_t c, const int64_t* perm, const int64_t* seg, int6
     if (mode == 3) {
       const F* src = x + perm[lo] * c;
       std::copy(src, src + c, o);
-      arg[j] = perm[lo];
+      if (arg) arg[j] = perm[lo];
       continue;
     }
     if (mode == 2) {
-      int64_t* a = arg + j * c;
       const F* src = x + perm[lo] * c;
-      for (int64_t k = 0; k < c; ++k) o[k] = src[k], a[k] = perm[lo];
+      std::copy(src, src + c, o);
       // NaN propagates (as torch.amax): the first NaN row of a voxel wins
       // and stays; otherwise the first row holding the maximum.
-      for (int64_t i = lo + 1; i < hi; ++i) {
-        const F* s = x + perm[i] * c;
-        for (int64_t k = 0; k < c; ++k)
-          if (s[k] > o[k] || (s[k] != s[k] && o[k] == o[k])) o[k] = s[k], a[k] = perm[i];
+      if (arg) {
+        int64_t* a = arg + j * c;
+        std::fill(a, a + c, perm[lo]);
+        for (int64_t i = lo + 1; i < hi; ++i) {
+          const F* s = x + perm[i] * c;
+          for (int64_t k = 0; k < c; ++k)
+            if (s[k] > o[k] || (s[k] != s[k] && o[k] == o[k])) o[k] = s[k], a[k] = perm[i];
+        }
+      } else {  // (no gradient to route: the maxima alone)
+        for (int64_t i = lo + 1; i < hi; ++i) {
+          const F* s = x + perm[i] * c;
+          for (int64_t k = 0; k < c; ++k)
+            if (s[k] > o[k] || (s[k] != s[k] && o[k] == o[k])) o[k] = s[k];
+        }
       }
       continue;
     }

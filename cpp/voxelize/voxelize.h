@@ -52,7 +52,8 @@ void voxel_coords(const Voxels& voxels, int32_t* coords, int64_t* seg_ptr, int n
 
 // Rows perm[seg[j]:seg[j + 1]] of x (n, c) reduced into out row j (m rows).
 // arg: the source row of each max (m, c) (the first NaN row where a voxel
-// holds NaN: max propagates NaN) or of each first (m); unused otherwise.
+// holds NaN: max propagates NaN) or of each first (m); unused otherwise,
+// and may be null where no gradient needs it (then not written).
 template <typename F>
 void reduce(const F* x, int64_t c, const int64_t* perm, const int64_t* seg, int64_t m, int mode, F* out,
             int64_t* arg, int nt);
