@@ -159,6 +159,16 @@ def check_parameters(model: str, total: int, in_channels: int, num_classes: int,
                      f"{total:,} parameter values", "use a smaller cr, blocks or channel count")
 
 
+def _blocks(stage: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules to call in turn for ``stage``: a plain ``nn.Sequential``
+    (no hooks of its own) block by block, so that the forward that calls
+    them lets each block's input die once the next block has it (called
+    whole, the call held the joined decoder input, the stage's widest
+    tensor, through every block: in inference on 8 KITTI sweeps, about a
+    fifth of MinkUNet's peak memory); any other stage whole."""
+    return tuple(stage) if type(stage) is nn.Sequential and not has_hooks(stage) else (stage,)
+
+
 class MinkUNet(SparseBackwardHooks, nn.Module):
     """Sparse residual U-Net for per-voxel classification.
 
@@ -218,5 +228,8 @@ class MinkUNet(SparseBackwardHooks, nn.Module):
             skips.append(stage(skips[-1]))
         y = skips.pop()
         for up, fuse in zip(self.up, self.fuse):
-            y = fuse(spnn.cat([up(y), skips.pop()]))
+            y = up(y)  # (the stage's input dies before the cat allocates)
+            y = spnn.cat([y, skips.pop()])
+            for block in _blocks(fuse):  # (here, not in a function's frame, which would hold the stage's input)
+                y = block(y)
         return self.classifier(y)

@@ -15,7 +15,7 @@ from ..nn import functional as _F
 from ..nn._hooks import SparseBackwardHooks
 from ..tensor import SparseTensor, check_float_dtype
 from ..voxelize import _devoxelize
-from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
+from .minkunet import MinkUNet, _blocks, check_arguments, check_parameters, unet_parameters
 
 
 def _check_devices(device: torch.device, where: str, tensors: dict, hint: str = "") -> None:
@@ -294,7 +294,10 @@ class SPVCNN(SparseBackwardHooks, nn.Module):
         z1 = to_points(x4) + self.point_mlps[0](z0)
         y = to_voxels(x4, z1)
         for i, (up, fuse) in enumerate(zip(u.up, u.fuse)):
-            y = fuse(_cat(up(y), skips.pop()))
+            y = up(y)  # (each step's input dies before the next allocates: see minkunet._blocks)
+            y = _cat(y, skips.pop())
+            for block in _blocks(fuse):
+                y = block(y)
             if i == 1:
                 z2 = to_points(y) + self.point_mlps[1](z1)
                 y = to_voxels(y, z2)
