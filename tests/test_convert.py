@@ -583,6 +583,13 @@ def test_a_minkowski_batchnorm_and_linear_state_dict_loads():
         net.load_state_dict(both)
     assert net.load_state_dict(both, strict=False).unexpected_keys == ["1.bn.weight"]
     assert torch.equal(net[1].weight, ours["1.weight"])
+    # a plain torch Linear's keys at the same name (TorchSparse's heads, a ported nn.Linear on x.F) load too
+    plain = {k.replace("2.linear.", "2.", 1): v for k, v in theirs.items()}
+    assert "2.weight" in plain and "2.bias" in plain
+    head = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.BatchNorm(8), ps.nn.Linear(8, 4))
+    head.load_state_dict(plain)
+    assert torch.equal(head[2].fn.weight, theirs["2.linear.weight"]) and torch.equal(head[2].fn.bias,
+                                                                                    theirs["2.linear.bias"])
     # a missing one is still missing, under our name
     short = {k: v for k, v in theirs.items() if k != "1.bn.bias"}
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.bias\""):

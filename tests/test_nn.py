@@ -333,6 +333,10 @@ def test_weights_larger_than_the_memory_available_are_refused_before_allocating(
     assert spnn.Conv3d(4, 4, 3, device="meta").weight.is_meta
     with torch.device("meta"):
         assert spnn.Conv3d(4, 4, 3).weight.is_meta
+    with pytest.raises(ValueError, match=r"Linear weight of in_features 20 x out_features 20 needs 1,600 bytes, more "
+                                         r"than the 1,000 bytes of memory available"):
+        spnn.Linear(20, 20)
+    assert spnn.Linear(20, 20, device="meta").fn.weight.is_meta
     built = []
     monkeypatch.setattr(spnn.Conv3d, "reset_parameters", lambda self: built.append(self))
     for cls in (MinkUNet, SPVCNN):

@@ -789,6 +789,8 @@ class _Pointwise(SparseBackwardHooks, nn.Module):
         if isinstance(self.fn, nn.Linear):
             _refuse_compressed_state(self, state_dict, prefix, "fn._extra_state", "weight_format", "SparseLinear")
             _take_wrapped(state_dict, prefix, "linear.", "fn.", ("weight", "bias"))  # (MinkowskiLinear's)
+            # (a plain torch Linear's at the same name: TorchSparse's heads, a ported ``nn.Linear`` on ``x.F``)
+            _take_wrapped(state_dict, prefix, "", "fn.", ("weight", "bias"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
@@ -845,7 +847,9 @@ Dropout = _pointwise(nn.Dropout, "Dropout on the feats.")
 class Linear(_Pointwise):
     """A per-site linear layer on the feats (a 1x1x1 convolution); its torch
     Linear is ``fn``. A state_dict of MinkowskiEngine's ``MinkowskiLinear``
-    (its tensors under ``linear.``) loads as it is. ``device`` and ``dtype``
+    (its tensors under ``linear.``) or of a plain ``torch.nn.Linear`` at the
+    same name (``weight``, ``bias``: TorchSparse's heads) loads as it is.
+    ``device`` and ``dtype``
     by name: where and in which float dtype ``fn``'s weight and bias are
     made, checked as :class:`Conv3d`'s (named in the signature, which
     ``torch.nn.utils.skip_init`` looks for); torch's positional ones pass as
@@ -861,6 +865,11 @@ class Linear(_Pointwise):
                              f"{in_features * out_features:,} values is over the limit of "
                              f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
         factory = _factory_kwargs(device, dtype)  # (those given: a positional one in args, torch's order, too)
+        if len(args) < 2:  # (no positional device / dtype of torch's order: those are torch's to read)
+            check_memory_for(in_features * out_features * factory.get("dtype", torch.get_default_dtype()).itemsize,
+                             factory.get("device"),
+                             f"a Linear weight of in_features {in_features} x out_features {out_features}",
+                             "use fewer features, or build it on the meta device")
         if args or "bias" in kwargs:  # (torch's test is truthiness: bias="no" made a bias)
             _flag(args[0] if args else kwargs["bias"], "bias")
         super().__init__(in_features, out_features, *args, **factory, **kwargs)
