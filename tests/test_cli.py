@@ -542,6 +542,8 @@ def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
              (["prune", "channels", "--checkpoint", str(ckpt), "--out", str(a_file)], f"--out {a_file} is a file"),
              (["export", "--checkpoint", str(ckpt), "--out", str(tmp_path)], "is a folder; give the .pt2 file"),
              (["export", "--checkpoint", str(ckpt), "--out", str(a_file / "m.pt2")], "no folder"),
+             (["export", "--checkpoint", str(ckpt), "--out", str(a_file / "sub" / "m.pt2")],
+              f"--out {a_file / 'sub' / 'm.pt2'}: its folder {a_file / 'sub'}: cannot make this directory"),
              (["export", "--checkpoint", str(ckpt), "--out", str(ckpt)], "is the checkpoint it would export"),
              (["prune", "channels", "--checkpoint", str(ckpt), "--out", str(ckpt.parent)], "would replace"),
              (["prune", "vectors", "--checkpoint", str(ckpt), "--out", str(ckpt.parent)], "would replace"),

@@ -1140,7 +1140,7 @@ def test_export_cli_round_trip_in_fresh_process(tmp_path):
     model = _trained_like(MinkUNet(7, 4, cr=0.25, blocks=1))
     config = _config()
     ckpt = _checkpoint(tmp_path, model, config)
-    out = tmp_path / "model.pt2"
+    out = tmp_path / "programs" / "v1" / "model.pt2"  # (folders it makes, as eval's and predict's --out)
     from pointsparse.app.cli import main
 
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0

@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
     from .evaluate import INFERENCE
 
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
-    parser.add_argument("--out", required=True, help="the .pt2 file to write")
+    parser.add_argument("--out", required=True, help="the .pt2 file to write (its folder is made where it does not "
+                        "exist)")
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="the program's model: float32 (the checkpoint's, default), fused (pruning masks made "
                              "permanent, BatchNorm folded) or bf16 (fused, then bfloat16: feats and logits "
@@ -32,6 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from ..checkpoint import make_directory
     from ..models import SPVCNN
     from .evaluate import checkpoint_model, inference_model
     from .scoring import feats_dtype
@@ -41,9 +43,12 @@ def main(args) -> int:
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out} is the checkpoint it would export (--checkpoint); give another file for "
                          "the program (e.g. model.pt2)")
+    if not out.is_dir():  # (a folder: check_out_path names it as one)
+        if out.suffix.lower() != ".pt2":
+            raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
+        if not out.parent.exists():  # (as eval's and predict's --out: made, where it can be, before the work)
+            make_directory(out.parent, f"--out {out}: its folder")
     export.check_out_path(args.out)  # before the export's work
-    if out.suffix.lower() != ".pt2":
-        raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
     state = load_checkpoint(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
     model, config = checkpoint_model(state, args.checkpoint).eval(), state["config"]
     model = inference_model(model, args.inference)
