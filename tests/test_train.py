@@ -2334,6 +2334,51 @@ def test_init_from_reads_a_pruned_or_voxel_skipped_checkpoints_weights():
     assert "stem.0.0.weight_orig" in unused
 
 
+def test_init_from_a_channel_pruned_checkpoint_builds_its_widths(tmp_path, capsys):
+    """train --init from a channel-pruned checkpoint (prune channels) built a
+    full-width model of the flags' --cr / --blocks: none of its narrowed
+    tensors fitted, one log line said so, and the run trained from scratch
+    (its first epoch's loss and mIoU a fresh run's). The run now builds the
+    checkpoint's architecture (its model, --cr and --blocks where not typed,
+    its channel widths, the classifier's outputs this run's classes), every
+    tensor copied; its checkpoints record the widths, so eval and --resume
+    read them. A typed --cr of another value still builds what it says, and
+    the log says so."""
+    from pointsparse.app import cli as app_cli
+    from pointsparse.models import load_model
+    from pointsparse.prune.graph import widths
+
+    run, cut = tmp_path / "run", tmp_path / "cut"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    assert app_cli.main(["prune", "channels", "--checkpoint", str(run / "checkpoint.pt"), "--ratio", "0.5",
+                         "--out", str(cut)]) == 0
+    capsys.readouterr()
+    pruned = load_model(cut / "checkpoint.pt")
+    untyped = [a for i, a in enumerate(TINY) if a not in ("--cr", "--blocks") and TINY[i - 1] not in ("--cr", "--blocks")]
+    assert len(untyped) == len(TINY) - 4
+    tr.main(_parse([*untyped, "--epochs", "1", "--lr", "1e-12", "--init", str(cut / "checkpoint.pt"), "--out",
+                    str(tmp_path / "fine")]))
+    log = capsys.readouterr().out
+    assert re.search(r"--init .*checkpoint.pt: building its minkunet \(cr 0.125, blocks 1\) with its channel widths "
+                     r"\(\d+ layers narrowed\)", log), log
+    assert "fit no tensor" not in log, log
+    state = tr.load_checkpoint(tmp_path / "fine" / "checkpoint.pt")
+    assert (state["config"]["cr"], state["config"]["blocks"]) == (0.125, 1)
+    fine = load_model(tmp_path / "fine" / "checkpoint.pt")
+    assert widths(fine) == widths(pruned)
+    assert sum(p.numel() for p in fine.parameters()) == sum(p.numel() for p in pruned.parameters())
+    # a learning rate of 1e-12: the weights are still the pruned model's (BatchNorm statistics aside)
+    ours, theirs = fine.state_dict(), pruned.state_dict()
+    for key in theirs:
+        if "running_" not in key and "num_batches" not in key:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-8, msg=key)
+    # a typed --cr of another value builds what it says
+    tr.main(_parse([*TINY[:13], "0.25", *TINY[14:], "--epochs", "1", "--init", str(cut / "checkpoint.pt"), "--out",
+                    str(tmp_path / "wide")]))
+    log = capsys.readouterr().out
+    assert "--init" in log and "the run builds what was typed, --cr 0.25 (its 0.125)" in log, log
+
+
 def test_init_from_a_pruned_checkpoint_keeps_its_masks():
     """--init from a checkpoint whose weights are masked (prune vectors,
     offsets, schedule, init, rigl: weight_orig + weight_mask) copied the

@@ -152,9 +152,11 @@ def add_arguments(parser) -> None:
                              "--time-budget, --eval-every, the device and process flags and the data (same "
                              "classes) may change")
     parser.add_argument("--init", default=None, metavar="CHECKPOINT",
-                        help="start from a checkpoint's weights (fine-tuning); classifier rows are matched by "
-                             "class name, other layers by name and shape; a pruned checkpoint's masks come too "
-                             "(its pruned weights stay zero)")
+                        help="start from a checkpoint's weights (fine-tuning): the run builds its architecture "
+                             "(its --model, --cr and --blocks where not typed, a channel-pruned checkpoint's "
+                             "widths, its VoxelSkip / VoxelPrune layers); classifier rows are matched by class "
+                             "name, other layers by name and shape; a pruned checkpoint's masks come too (its "
+                             "pruned weights stay zero)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop after the epoch during which this much training time has passed")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
@@ -835,6 +837,60 @@ def init_renaming(model: torch.nn.Module, src: dict) -> tuple[str, str, str] | N
     return None
 
 
+#: The flags that choose a run's architecture, which ``--init`` takes from its checkpoint where not typed.
+ARCHITECTURE_FLAGS = ("model", "cr", "blocks")
+
+
+def init_architecture(args, checkpoint: dict, num_classes: int, log=print) -> dict:
+    """What a new run started ``--init`` from ``checkpoint`` builds: the
+    checkpoint's model, ``--cr`` and ``--blocks`` (set on ``args``) where
+    they were not typed (``args._typed``; a namespace made by hand types
+    none), and, where the run's architecture is then the checkpoint's, the
+    checkpoint's structure as config entries: its channel widths (a channel
+    cut's: recorded, or only in its weights' shapes), the classifier's
+    outputs those of this run's ``num_classes``, and its ``voxel_skip`` /
+    ``voxel_prune`` layers. A channel-pruned checkpoint built a full-width
+    model that fitted none of its narrowed tensors and trained from scratch
+    after one log line; a typed flag that differs from the checkpoint's
+    still builds what it says (logged: the tensors that fit are copied).
+    Returns the config entries to add (empty for a plain model)."""
+    from ..prune.graph import widths
+
+    config = checkpoint["config"]
+    typed = getattr(args, "_typed", None) or frozenset()
+    differ = []
+    for flag in ARCHITECTURE_FLAGS:
+        theirs = config.get(flag, "minkunet" if flag == "model" else None)
+        if theirs is None or theirs == getattr(args, flag):
+            continue
+        if flag in typed:
+            differ.append(f"--{flag} {getattr(args, flag)} (its {theirs})")
+        else:
+            setattr(args, flag, theirs)
+    if differ:
+        log(f"--init {args.init}: the run builds what was typed, {', '.join(differ)}; the checkpoint's tensors "
+            "are copied where their names and shapes fit")
+        return {}
+    structure = {key: config[key] for key in ("voxel_skip", "voxel_prune") if config.get(key) is not None}
+    try:  # (the checkpoint's own model: its widths, recorded or only in its weights' shapes)
+        source = model_from_state(checkpoint, allow_non_finite=True)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--init {args.init}: {error}") from error
+    built = widths(source)
+    plain = widths(build_model({key: config[key] for key in ("in_channels", "classes", "cr", "blocks", "model")
+                                if key in config}))
+    if built != plain:
+        head = next(name for name in built if name == "classifier" or name.startswith("classifier."))
+        structure["widths"] = {**built, head: {**built[head], "out": num_classes}}
+    if structure:
+        narrowed = sum(1 for name, w in built.items() if plain.get(name) != w)
+        parts = ([f"its channel widths ({narrowed} layers narrowed)"] if "widths" in structure else []) + [
+            f"its {key} layers" for key in ("voxel_skip", "voxel_prune") if key in structure]
+        log(f"--init {args.init}: building its {args.model} (cr {args.cr}, blocks {args.blocks}) with "
+            f"{' and '.join(parts)}")
+    return structure
+
+
 def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unused: list | None = None) -> list[str]:
     """Copy a checkpoint's weights into ``model``: every tensor with the same
     name and shape (a pruned layer's weights as it computes with them,
@@ -1159,6 +1215,10 @@ class TrainingJob:
             self.config = {**self.config, "training": {name: getattr(args, name) for name in RUN_SETTINGS}}
             self.log(f"resuming {path} after epoch {state['epoch']}")
         self.train_src, self.val_src, self.classes = open_training_data(args, self.dist)
+        self.init_source, structure = None, {}
+        if state is None and args.init:
+            self.init_source = load_checkpoint(args.init)
+            structure = init_architecture(args, self.init_source, len(self.classes), self.log)
         if state is None:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
                            "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
@@ -1166,7 +1226,8 @@ class TrainingJob:
                            # (the optional features its clouds held: predict and eval note clouds that lack one)
                            "point_features": held_features(
                                # (a generated source's scenes all hold the same; read, files are kept already)
-                               [self.train_src[0]] if is_generated(args.data) else self.train_src)}
+                               [self.train_src[0]] if is_generated(args.data) else self.train_src),
+                           **structure}
         if not is_generated(args.data):
             # The label map the clouds were read through, their formats' default included (recorded as given,
             # a file as its absolute path; None: the raw labels are the classes): eval and prune of another
@@ -1206,7 +1267,7 @@ class TrainingJob:
                 raise
             raise ValueError(f"--resume {self.resume_path}: {error}") from error
         if args.init and resume_state is None:
-            source = load_checkpoint(args.init)
+            source = self.init_source
             name = non_finite_entry(source["model"])
             if name is not None:  # (refused as eval, --resume and load_model refuse it: not trained from)
                 raise ValueError(f"--init {args.init}: {name} holds NaN or inf: the weights of a diverged run or a "
