@@ -861,6 +861,8 @@ def init_architecture(args, checkpoint: dict, num_classes: int, log=print) -> di
     differ = []
     for flag in ARCHITECTURE_FLAGS:
         theirs = config.get(flag, "minkunet" if flag == "model" else None)
+        if flag == "model" and isinstance(theirs, str):
+            theirs = theirs.lower()  # (build_model's reading)
         if theirs is None or theirs == getattr(args, flag):
             continue
         if flag in typed:
