@@ -211,12 +211,15 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, row
 
 
 def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = None,
-                   panels: int = 1) -> tuple[Path, int, int, list]:
+                   panels: int = 1, before: list | None = None) -> tuple[Path, int, int, list]:
     """:func:`prune_vectors_checkpoint`, the weights its masks keep and
     cover, and its ragged convs: ``(name, output panels, kept share)`` of
     each conv of more output panels than ``panels`` that ``panels`` does
     not divide (each row's last block is narrower there and counts as one
-    block, so the share kept differs from ``1 - amount``)."""
+    block, so the share kept differs from ``1 - amount``). ``before`` (a
+    list) receives the weights the checkpoint's masks kept already, of the
+    same total (a pruned checkpoint is pruned further: ``amount`` of what
+    each conv had left, torch's rule)."""
     from .evaluate import checkpoint_model
     from ..nn import Conv3d
     from ..prune import adapters, panel_structured
@@ -230,6 +233,8 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     _check_panels(panels, convs, model)
+    if before is not None:
+        before.append(sum(int(_weights_of(m, _held_mask(m)).count_nonzero()) for m in convs))
     for module in convs:
         panel_structured(module, "weight", float(amount), square=square, rows=rows, panels=panels)
     names = {module: name for name, module in model.named_modules()}
@@ -242,6 +247,12 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
               if _panels_of(m) > panels and _panels_of(m) % panels]
     return (save_pruned(state, model, out), sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks),
             ragged)
+
+
+def _held_mask(conv):
+    """The pruning mask ``conv`` holds, or all ones where it holds none."""
+    mask = conv.pruning_mask()
+    return torch.ones_like(conv.weight, dtype=torch.bool) if mask is None else mask
 
 
 def _panels_of(conv) -> int:
@@ -309,8 +320,10 @@ def _check_amount(amount, what: str) -> None:
                          f"pruned; got {amount!r}")
 
 
-def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
-    """:func:`prune_offsets_checkpoint`, and the offsets its masks keep and cover."""
+def _prune_offsets(path, out, amount: float, before: list | None = None) -> tuple[Path, int, int]:
+    """:func:`prune_offsets_checkpoint`, and the offsets its masks keep and
+    cover; ``before`` (a list) receives the offsets the checkpoint's masks
+    kept already (as :func:`_prune_vectors`'s)."""
     from .evaluate import checkpoint_model
     from ..prune import kernel_structured
     _check_amount(amount, "kernel offsets")
@@ -321,6 +334,8 @@ def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv whose windows overlap (kernel wider than its "
                          "stride) to prune by offsets")
+    if before is not None:
+        before.append(sum(int(_weights_of(m, _held_mask(m)).flatten(1).any(1).sum()) for m in convs))
     for module in convs:
         kernel_structured(module, "weight", float(amount), scope="offset")
     _check_kept_offsets(model, convs, amount)
@@ -516,10 +531,12 @@ def vectors_main(args) -> int:
     amount = 0.75 if args.sparsity is None else args.sparsity
     if args.square and args.pairs:
         raise ValueError("--square and --pairs are two block shapes: give one")
+    before: list = []
     path, kept, total, ragged = _prune_vectors(args.checkpoint, args.out, amount, args.square,
-                                               2 if args.pairs else None, args.panels)
+                                               2 if args.pairs else None, args.panels, before)
     print(f"pruned checkpoint {path}: engine vectors masked, {kept} of the {total} weights of its convs with more "
           f"than one offset kept ({kept / total:.2f})")
+    _note_pruned_further(args, amount, "weights", before[0], kept, total)
     if ragged:
         shown = ", ".join(f"{name!r} ({count} panel{'' if count == 1 else 's'}, {share:.2f} kept)" for name, count, share in ragged[:3])
         print(f"note: --panels {args.panels} does not divide the output panels of {len(ragged)} of its "
@@ -534,12 +551,25 @@ def vectors_main(args) -> int:
 def offsets_main(args) -> int:
     _check_flags(args, "offsets")
     amount = 0.74 if args.sparsity is None else args.sparsity
-    path, kept, total = _prune_offsets(args.checkpoint, args.out, amount)
+    before: list = []
+    path, kept, total = _prune_offsets(args.checkpoint, args.out, amount, before)
     print(f"pruned checkpoint {path}: kernel offsets masked, {kept} of the {total} offsets of its convs whose "
           f"windows overlap kept ({kept / total:.2f})")
+    _note_pruned_further(args, amount, "offsets", before[0], kept, total)
     if args.finetune_epochs > 0:
         return finetune(path, args.finetune_epochs)
     return 0
+
+
+def _note_pruned_further(args, amount: float, what: str, before: int, kept: int, total: int) -> None:
+    """A note (stderr) where the checkpoint's masks had pruned some of
+    ``what`` already: ``--sparsity`` then pruned that share of what each
+    conv had left (torch's rule), so the total is sparser than it says."""
+    if before < total:
+        print(f"note: --checkpoint {args.checkpoint} was pruned already ({before} of the {total} {what} kept, "
+              f"{before / total:.2f}): --sparsity {amount:g} pruned that share of what each conv had left "
+              f"(torch.nn.utils.prune's rule), so {kept / total:.2f} of them stay in all, not {1 - amount:.2f}",
+              file=sys.stderr)
 
 
 def voxels_main(args) -> int:

@@ -64,7 +64,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sparsity", type=float, default=None,
                         help="target sparsity (schedule, init, rigl: default 0.9; vectors: the fraction of each "
                              "conv's engine vectors pruned, default 0.75; offsets: of its kernel offsets, default "
-                             "0.74)")
+                             "0.74; vectors and offsets of a checkpoint pruned already prune that fraction of what "
+                             "is left, as torch's pruning does, and say so)")
     parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
                         help="sensitivity granularity")
     parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
