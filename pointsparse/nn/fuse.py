@@ -250,7 +250,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     training-mode forward: the folded BatchNorms are gone, so none
     normalises by its batch's statistics or updates running ones, and
     gradients are those of that function (a network without the folded
-    BatchNorms; train ``model`` and fuse it again to fine-tune with them).
+    BatchNorms; train ``model`` and fuse it again to fine-tune with them),
+    and its pruned weights, no longer masked, grow back in training (their
+    zeros, which the engine skips, are gone after a step).
     Modules left unfolded (a BatchNorm after no conv, or one with forward
     pre-hooks or output hooks; a dropout) take their own training behaviour."""
     if not isinstance(model, nn.Module):
