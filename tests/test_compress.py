@@ -590,6 +590,31 @@ def test_compressed_modules_refuse_gradients_they_cannot_give():
     torch.testing.assert_close(feats.grad, ref_feats.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_pruning_a_compressed_layer_says_to_prune_before_compressing():
+    """torch's l1_unstructured on a compressed conv raised a bare
+    "'SparseConv3d' object has no attribute 'weight'", and the toolkit's
+    structured methods "SparseConv3d has no tensor named 'weight'": both
+    now say the layer is compressed and to prune before compress. A
+    compressed layer still has no weight attribute (hasattr False, getattr
+    with a default the default)."""
+    import pointsparse.prune as ps_prune
+
+    sparse = F.compress(_pruned_conv(), "csr")
+    linear = F.compress(torch.nn.Linear(4, 2), "csr")
+    for layer, derived in ((sparse, "engine_weight"), (linear, "dense_weight")):
+        hint = (rf"{type(layer).__name__} is compressed \(pointsparse.formats.compress\): its weight is held in its "
+                rf"sparse format, no parameter \(.{derived} is the dense tensor it runs, derived\); prune the model "
+                r"before compressing it")
+        with pytest.raises(AttributeError, match=rf"has no attribute 'weight': {hint}"):
+            prune.l1_unstructured(layer, "weight", 0.5)
+        with pytest.raises(TypeError, match=rf"has no tensor named 'weight': {hint}"):
+            ps_prune.kernel_structured(layer, "weight", 0.5) if layer is sparse else \
+                ps_prune.channel_structured(layer, "weight", 0.5)
+        assert not hasattr(layer, "weight") and getattr(layer, "weight_mask", None) is None
+        with pytest.raises(AttributeError, match="has no attribute 'other'$"):
+            layer.other
+
+
 def test_compress_times_its_executions_interleaved_and_keeps_the_dense_one_near_parity(monkeypatch):
     """compress timed each execution's 3 calls one after the other: a slow phase of the machine (this VM's dense
     Linear read 1.20-1.35x of itself between runs) fell on one execution only, and in one run of three a (256,

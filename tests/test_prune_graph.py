@@ -452,6 +452,11 @@ def test_plan_refuses_scores_not_shaped_like_their_tensors():
         G.plan(graph, 0.5, scores=[1.0, 2.0])  # was an AttributeError
     with pytest.raises(ValueError, match=r"scores for 'weight' of 'stem.0' must be a tensor of its shape"):
         G.plan(graph, 0.5, scores={(net.stem[0], "weight"): torch.ones(3)})  # was an IndexError
+    # scores of a copy of the model (keyed by its modules): said so, not only "no scores cover group"
+    import copy
+    with pytest.raises(ValueError, match=r"no scores cover group 'stem.0': scores are keyed by \(module, tensor "
+                                         r"name\) of the model the graph was traced on.*a copy of the model"):
+        G.plan(graph, 0.5, scores=criteria.bn_scaling(copy.deepcopy(net)))
 
 
 def test_cut_refuses_float_indices_and_a_group_named_twice():

@@ -297,6 +297,14 @@ class SparseLinear(nn.Module):
         warn_training(self, mode)
         return super().train(mode)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _WEIGHT_NAMES:
+                raise
+        raise _missing_weight(self, name)
+
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}, "
                 f"execution={self.execution!r}, chosen={self.chosen!r}")
@@ -371,6 +379,23 @@ def warn_training(module: nn.Module, mode) -> None:
         warnings.warn("a compressed layer (pointsparse.formats.compress) is an inference copy: its weight is no "
                       "parameter and stays as it is while the layers around it train (train the uncompressed "
                       "model, then compress it)", UserWarning, stacklevel=3)
+
+
+#: The names torch's pruning and a user's code ask of a layer's weight, which a compressed layer does not hold.
+_WEIGHT_NAMES = frozenset(("weight", "weight_orig", "weight_mask"))
+
+
+def no_weight_hint(module: nn.Module) -> str:
+    """Why the compressed layer ``module`` holds no ``weight``, and what to do
+    (torch's pruning of it raised a bare AttributeError)."""
+    derived = "dense_weight" if isinstance(module, SparseLinear) else "engine_weight"
+    return (f"{layer_name(module)} is compressed (pointsparse.formats.compress): its weight is held in its sparse "
+            f"format, no parameter (.{derived} is the dense tensor it runs, derived); prune the model before "
+            "compressing it")
+
+
+def _missing_weight(module: nn.Module, name: str) -> AttributeError:
+    return AttributeError(f"'{type(module).__name__}' object has no attribute {name!r}: {no_weight_hint(module)}")
 
 
 def layer_name(module: nn.Module) -> str:
@@ -729,6 +754,14 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
     def train(self, mode: bool = True):
         warn_training(self, mode)
         return super().train(mode)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _WEIGHT_NAMES:
+                raise
+        raise _missing_weight(self, name)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

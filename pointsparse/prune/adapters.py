@@ -333,6 +333,10 @@ def stored(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 def no_tensor(module: nn.Module, name: str) -> str:
     """"``module`` has no tensor named ``name``", saying which child has one."""
+    from ..formats.modules import SparseConv3d, SparseLinear, no_weight_hint  # noqa: PLC0415 - formats sit above
+
+    if isinstance(module, (SparseConv3d, SparseLinear)) and name in ("weight", "bias"):
+        return f"{type(module).__name__} has no tensor named {name!r}: {no_weight_hint(module)}"
     child = _child_holding(module, name)
     where = "" if child is None else f" (its child {child!r} has one: prune module.{child})"
     return f"{type(module).__name__} has no tensor named {name!r}{where}"

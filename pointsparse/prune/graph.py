@@ -763,7 +763,12 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
             row[m.offset:m.offset + m.length] = per.cpu()
             rows.append(row)
     if not rows:
-        raise ValueError(f"no scores cover group {g.name!r}")
+        own = {id(module) for module in graph.model.modules()} if scores else set()
+        foreign = scores and not any(isinstance(key, tuple) and key and id(key[0]) in own for key in scores)
+        raise ValueError(f"no scores cover group {g.name!r}" + (
+            ": scores are keyed by (module, tensor name) of the model the graph was traced on, and none of "
+            "the scores' modules is one of its (scores of a copy of the model, or of another model?)"
+            if foreign else ""))
     stacked = torch.stack(rows)
     return {"sum": stacked.sum(0), "mean": stacked.mean(0), "max": stacked.amax(0)}[reduce]
 
