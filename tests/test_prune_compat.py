@@ -84,6 +84,19 @@ def test_reexports_are_the_torch_objects():
     assert set(TORCH_NAMES) <= set(prune.__all__)
 
 
+def test_the_channel_pruning_modules_are_attributes_of_the_package():
+    """The README's ``prune.workflow.prune_channels`` after ``import
+    pointsparse.prune as prune`` raised AttributeError unless the module was
+    imported by its own name first (in a fresh process: nothing else has
+    imported it)."""
+    from reference import run_python
+
+    run = run_python("import pointsparse.prune as prune\n"
+                     "print(prune.workflow.prune_channels.__name__, prune.graph.plan.__name__, prune.surgery.__name__)")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["prune_channels", "plan", "pointsparse.prune.surgery"]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_reparametrization_and_forward(kind):
     module, x = make(kind)

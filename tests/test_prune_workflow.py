@@ -1538,3 +1538,29 @@ def test_prune_vectors_and_offsets_of_a_pruned_checkpoint_say_the_sparsity_compo
     assert kept and note, (captured.out, captured.err)
     assert note.group(2) == kept.group(2) and int(note.group(1)) > int(kept.group(1))
     assert float(note.group(3)) < 0.55 and float(note.group(4)) < 0.3
+
+
+def test_prune_no_progress_reaches_its_fine_tuning(voxel_run, tmp_path, monkeypatch, capsys):
+    """``pointsparse prune`` refused --no-progress ("unrecognized
+    arguments"), which train, eval and predict take: its --finetune-epochs
+    training showed the run's bars. The checkpoint procedures now take it and
+    hand it to that training; the run's own setting stands without it; a
+    task procedure, which trains no run, refuses it as any flag it would not
+    read."""
+    from pointsparse import checkpoint
+    from pointsparse.app import train as train_app
+
+    state = checkpoint.load(voxel_run)
+    state["args"]["no_progress"] = False  # (a run that showed its bars)
+    (tmp_path / "run").mkdir()
+    checkpoint.save(tmp_path / "run" / "checkpoint.pt", state)
+    seen = []
+    monkeypatch.setattr(train_app, "main", lambda args: seen.append((args.no_progress, args.epochs)) or 0)
+    for extra, want in (([], False), (["--no-progress"], True)):
+        out = tmp_path / f"out{len(seen)}"
+        assert cli.main(["prune", "offsets", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                         "--finetune-epochs", "2", *extra, "--out", str(out)]) == 0
+        assert seen[-1] == (want, state["epoch"] + 2)
+    capsys.readouterr()
+    assert cli.main(["prune", "schedule", "--quick", "--no-progress", "--out", str(tmp_path / "s")]) == 2
+    assert "--no-progress" in capsys.readouterr().err

@@ -62,6 +62,9 @@ def add_arguments(parser) -> None:
                         help="channels: kept counts rounded to this multiple (default 8, measured fastest)")
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="channels, vectors, offsets, voxels: epochs of fine-tuning afterwards")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="channels, vectors, offsets, voxels: no tqdm progress bars in --finetune-epochs' "
+                             "training (as train's --no-progress)")
     parser.add_argument("--placement", choices=PLACEMENTS, default="skip",
                         help="voxels: skip (default, measured best: VoxelSkip around the convs of every residual "
                              "block of the stages; the voxels it skips pass through the block's shortcut) or prune "
@@ -490,10 +493,11 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
     return save_pruned(state, model, out), stages, places
 
 
-def finetune(path: Path, epochs: int) -> int:
+def finetune(path: Path, epochs: int, progress: bool = True) -> int:
     """Resume training the checkpoint at ``path`` for ``epochs`` more epochs
     (same options as the run that wrote it, in one process; output beside
-    it); train's exit status."""
+    it; no progress bars where ``progress`` is False, else as the run
+    showed them); train's exit status."""
     from .train import main
     state = load_state(path)
     if not state.get("args"):  # (None, absent or {}: load_training takes them; save_pruned made no optimizer)
@@ -507,6 +511,8 @@ def finetune(path: Path, epochs: int) -> int:
     args.time_budget = args.time_limit = None
     # (one process, as it always ran: a run of --nproc N records N now, and prune takes no --nproc or --device)
     args.nproc = 1
+    if not progress:
+        args.no_progress = True
     return main(args)
 
 
@@ -544,7 +550,7 @@ def vectors_main(args) -> int:
               f"each row's last block is narrower there and counts as one block, so the share kept differs from "
               f"1 - --sparsity", file=sys.stderr)
     if args.finetune_epochs > 0:
-        return finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs, not args.no_progress)
     return 0
 
 
@@ -557,7 +563,7 @@ def offsets_main(args) -> int:
           f"windows overlap kept ({kept / total:.2f})")
     _note_pruned_further(args, amount, "offsets", before[0], kept, total)
     if args.finetune_epochs > 0:
-        return finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs, not args.no_progress)
     return 0
 
 
@@ -585,7 +591,7 @@ def voxels_main(args) -> int:
         args.finetune_epochs == 0 else ""
     print(f"pruned checkpoint {path}: {added}{untrained}")
     if args.finetune_epochs > 0:
-        return finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs, not args.no_progress)
     return 0
 
 
@@ -597,5 +603,5 @@ def main(args) -> int:
     after = sum(t.numel() for t in load_state(path)["model"].values())
     print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f})")
     if args.finetune_epochs > 0:
-        return finetune(path, args.finetune_epochs)
+        return finetune(path, args.finetune_epochs, not args.no_progress)
     return 0

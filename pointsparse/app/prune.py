@@ -204,6 +204,7 @@ READ_BY = {
     "label_map": ("channels", *TASK_PROCEDURES),
     "skip_nonfinite": ("channels", *TASK_PROCEDURES), "ratio": ("channels", "voxels"), "criterion": ("channels",),
     "scope": ("channels",), "multiple": ("channels",), "finetune_epochs": CHECKPOINT_PROCEDURES,
+    "no_progress": CHECKPOINT_PROCEDURES,
     "placement": ("voxels",), "stages": ("voxels",), "score": ("voxels",),
 }
 

@@ -93,4 +93,9 @@ __all__ = [
     "criteria", "regularizers", "report", "sparsity_report", "format_report", "print_report",
     # a deepcopy that takes torch's own masked modules too
     "copy_model",
+    # the channel-pruning modules, as attributes too (prune.workflow.prune_channels, prune.graph.plan)
+    "graph", "surgery", "workflow",
 ]
+
+# (last: they import the names above from this package)
+from . import graph, surgery, workflow  # noqa: E402
