@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 
@@ -805,6 +806,9 @@ def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
     # The same budget fits no more epochs: said so, naming the budget rather than --epochs.
     with pytest.raises(ValueError, match=r"--time-budget 1e-07 min .*fits no more"):
         tr.main(_parse([*TINY, "--epochs", "3", "--time-budget", "1e-7", "--resume", "--out", str(out)]))
+    # Resumed without it, the run's budget holds (it trained on to the run's --epochs, its schedule laid over them)
+    with pytest.raises(ValueError, match=r"--time-budget 1e-07 min .*fits no more"):
+        tr.main(_parse(["--resume", "--no-progress", "--out", str(out)]))
     tr.main(_parse([*TINY, "--epochs", "3", "--time-budget", "100", "--resume", "--out", str(out)]))
     state = tr.load_checkpoint(out / "checkpoint.pt")
     assert (state["epoch"], state["planned_epochs"]) == (3, 3)
@@ -1020,6 +1024,40 @@ def test_resume_reads_the_runs_data(tmp_path):
     tr.main(_parse(["--data", str(moved / "tile*.npz"), "--epochs", "3", "--resume", "--no-progress", "--out",
                     str(cut)]))
     assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
+
+
+def test_resume_mends_a_best_pt_whose_write_a_kill_cut_short(tmp_path, monkeypatch, capsys):
+    """An epoch writes checkpoint.pt, then best.pt where it is the best: a
+    kill between the two left best.pt an epoch behind (or absent), and
+    --resume in the folder trusted it, so metrics.json reported a best mIoU
+    that no file held (eval of best.pt scored the older epoch). The resumed
+    run now writes best.pt again from the checkpoint where that is the run's
+    best epoch and best.pt is older than it (the files' times: no second
+    read of the checkpoint), and says so; a best.pt of a best epoch before
+    the checkpoint's is left as it is."""
+    score = {"value": 0.1}
+    monkeypatch.setattr(tr.metrics, "mean_iou", lambda cm: score["value"])
+    out = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    first = (out / "best.pt").read_bytes()
+    score["value"] = 0.2
+    tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(out)]))
+    assert tr.load_checkpoint(out / "best.pt")["epoch"] == 2
+    (out / "best.pt").write_bytes(first)  # (epoch 2's best.pt write cut short: epoch 1's file stays)
+    os.utime(out / "best.pt", ns=(1, 1))
+    capsys.readouterr()
+    score["value"] = 0.05
+    tr.main(_parse([*TINY, "--epochs", "3", "--resume", "--out", str(out)]))
+    assert re.search(r"note: --resume .*checkpoint.pt: .*best.pt did not hold the run's best epoch 2 \(validation "
+                     r"mIoU 20.0%: its write was cut short\); written again from the checkpoint",
+                     capsys.readouterr().err)
+    best = tr.load_checkpoint(out / "best.pt")
+    assert best["epoch"] == 2 and best["best_miou"] == 0.2
+    assert json.loads((out / "metrics.json").read_text())["best_miou"] == 0.2
+    # a best.pt of an earlier best epoch (epoch 2, the checkpoint at 3 scored less) is the run's: left alone
+    before = (out / "best.pt").read_bytes()
+    tr.main(_parse([*TINY, "--epochs", "4", "--resume", "--out", str(out)]))
+    assert (out / "best.pt").read_bytes() == before and "did not hold" not in capsys.readouterr().err
 
 
 def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):

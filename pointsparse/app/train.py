@@ -158,13 +158,15 @@ def add_arguments(parser) -> None:
                              "name, other layers by name and shape; a pruned checkpoint's masks come too (its "
                              "pruned weights stay zero)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
-                        help="stop after the epoch during which this much training time has passed")
+                        help="stop after the epoch during which this much training time has passed (the run's "
+                             "in all: a resumed run counts its epochs before the resume)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="validate every N epochs and after the last (default 1)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="fit the number of epochs (at most --epochs) to this much training time, "
                              "re-planned after every epoch from the mean epoch time; the learning-rate schedule "
-                             "follows the planned count")
+                             "follows the planned count; --resume takes the run's unless --time-budget or --epochs "
+                             "is typed")
     parser.add_argument("--nproc", type=int, default=1,
                         help="training processes on this machine (DistributedDataParallel; default 1)")
 
@@ -320,6 +322,14 @@ def take_run_flags(args) -> None:
             raise ValueError(f"--resume {path}: the run's --epochs is no epoch count; got {epochs!r:.100}: give "
                              "--epochs")
         args.epochs = epochs
+    # (and its --time-budget: resumed without it, a run planned at 5 epochs of its budget trained to its --epochs,
+    # 20, its cosine schedule laid over those; typed, another budget re-plans it)
+    budget = saved.get("time_budget") if isinstance(saved, dict) else None
+    if budget is not None and typed is not None and "time_budget" not in typed and "epochs" not in typed:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"--resume {path}: the run's --time-budget is no number of minutes; got "
+                             f"{budget!r:.100}: give --time-budget")
+        args.time_budget = float(budget)
 
 
 def check_unread_flags(args) -> None:
@@ -1364,6 +1374,18 @@ class TrainingJob:
                 self.replaces_previous = (BEST,)
             return
         held = (beside.is_file() or None) if self.resumed_here else self._run_best(state, beside)
+        if self.resumed_here and self._is_best_epoch(state) and beside.resolve() != self.resume_path.resolve() and (
+                held is None or beside.stat().st_mtime_ns < self.resume_path.stat().st_mtime_ns):
+            # (a kill between the epoch's checkpoint.pt and its best.pt, which an epoch writes after it: the
+            # best.pt there, of an older epoch or none, held no epoch the run reports as its best, and the run
+            # went on trusting it; told by the files' times, not a second read of hundreds of MB)
+            if self.dist.main:
+                print(f"note: --resume {self.resume_path}: {beside} did not hold the run's best epoch "
+                      f"{state['epoch']} (validation mIoU {100 * self.best:.1f}%: its write was cut short); "
+                      "written again from the checkpoint", file=sys.stderr)
+                self._remove_eval_of(BEST)
+                save_checkpoint(beside, state)
+            held = state
         if held is None:
             if self.dist.main:
                 print(f"note: --resume {self.resume_path}: no {BEST} beside it holds its run's best epoch "
@@ -1372,6 +1394,15 @@ class TrainingJob:
             self.best = -1.0
         elif not self.resumed_here:
             self.carried_best = held
+
+    def _is_best_epoch(self, state: dict) -> bool:
+        """Whether the checkpoint ``state`` is its run's best epoch: its last
+        validation was of its own epoch and scored the run's best mIoU."""
+        history = state.get("history")
+        scores = history.get("val_miou") if isinstance(history, dict) else None
+        epochs = history.get("val_epoch") if isinstance(history, dict) else None
+        return (isinstance(scores, list) and bool(scores) and isinstance(epochs, list) and bool(epochs)
+                and epochs[-1] == state.get("epoch") and scores[-1] == state.get("best_miou") == self.best)
 
     def _run_best(self, state: dict, path: Path) -> dict | None:
         """The state of the checkpoint ``path`` where it is the best epoch of
