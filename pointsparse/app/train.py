@@ -1397,12 +1397,15 @@ class TrainingJob:
 
     def _is_best_epoch(self, state: dict) -> bool:
         """Whether the checkpoint ``state`` is its run's best epoch: its last
-        validation was of its own epoch and scored the run's best mIoU."""
+        validation was of its own epoch and scored the run's best mIoU, which
+        no validation before it reached (a tie keeps the earlier epoch's
+        best.pt: an epoch writes best.pt on a better mIoU only)."""
         history = state.get("history")
         scores = history.get("val_miou") if isinstance(history, dict) else None
         epochs = history.get("val_epoch") if isinstance(history, dict) else None
         return (isinstance(scores, list) and bool(scores) and isinstance(epochs, list) and bool(epochs)
-                and epochs[-1] == state.get("epoch") and scores[-1] == state.get("best_miou") == self.best)
+                and epochs[-1] == state.get("epoch") and scores[-1] == state.get("best_miou") == self.best
+                and all(score < self.best for score in scores[:-1]))
 
     def _run_best(self, state: dict, path: Path) -> dict | None:
         """The state of the checkpoint ``path`` where it is the best epoch of
