@@ -72,9 +72,27 @@ def atomic_write(path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        # (torch's writer raised its own "unexpected pos" RuntimeError while a Ctrl-C or a full disk left its
+        # archive: the Ctrl-C was a traceback of exit status 1, and the disk's error hid above the last line)
+        chain = _chain(error)
+        stop = next((e for e in chain if isinstance(e, KeyboardInterrupt)), None)
+        if stop is not None and stop is not error:
+            raise stop.with_traceback(None) from None
+        failed = next((e for e in chain if isinstance(e, OSError) and e.strerror and e.filename is None), None)
+        if failed is not None:
+            raise OSError(failed.errno, f"{failed.strerror} (writing it)", os.fspath(path)) from error
         raise
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions being handled when it was raised
+    (``__context__``, each in turn)."""
+    chain = [error]
+    while chain[-1].__context__ is not None and all(e is not chain[-1].__context__ for e in chain):
+        chain.append(chain[-1].__context__)
+    return chain
 
 
 #: Seconds since its last write after which a dead process's temporary file is taken as left (a live writer on

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import os
 import pickle
 import subprocess
@@ -793,3 +794,46 @@ def test_load_names_a_path_that_is_no_regular_file(tmp_path):
         checkpoint.load(pipe)
     with pytest.raises(ValueError, match=r"checkpoint \S*missing\.pt does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
+
+
+class _FillsUp(io.RawIOBase):
+    """A file that takes 4 KiB, then raises ``error`` on a write (a full
+    disk's OSError, or a Ctrl-C arriving mid-write)."""
+
+    def __init__(self, f, error):
+        self.f, self.written, self.error = f, 0, error
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 4096:
+            raise self.error
+        return self.f.write(data)
+
+
+@pytest.mark.parametrize("error", ["full", "interrupt"])
+def test_a_write_cut_short_names_its_cause_and_leaves_nothing(tmp_path, error):
+    """torch.save cut short (a full disk, a Ctrl-C) raised torch's own
+    "unexpected pos 64 vs 0" RuntimeError from its writer's exit, the cause
+    above it: a Ctrl-C while a checkpoint was written was a traceback of
+    exit status 1, not train's one line and 130, and a full disk's error
+    was 50 lines up. The write now raises the Ctrl-C itself, or an OSError
+    naming the file it was writing; its temporary file is removed and the
+    file written before stays."""
+    import errno
+
+    from pointsparse.checkpoint import atomic_write
+
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"the epoch before")
+    cause = OSError(errno.ENOSPC, "No space left on device") if error == "full" else KeyboardInterrupt()
+    big = {"w": torch.randn(100_000)}
+    with pytest.raises(OSError if error == "full" else KeyboardInterrupt) as info:
+        atomic_write(path, lambda f: torch.save(big, _FillsUp(f, cause)))
+    if error == "full":
+        assert info.value.filename == str(path) and info.value.errno == errno.ENOSPC
+        from pointsparse.app.cli import _message
+        assert _message(info.value) == f"{path}: No space left on device (writing it)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"] and path.read_bytes() == b"the epoch before"
