@@ -880,6 +880,26 @@ def test_ctrl_c_is_a_line_not_a_traceback(tmp_path):
     assert "Traceback" not in err and err.strip().endswith(
         "pointsparse train: interrupted (train --resume continues from its last checkpoint)"), err
     assert (out / "checkpoint.pt").is_file()
+    # SIGTERM (a scheduler's preemption) alike: it ended the process by its default action, no line, and left
+    # a checkpoint's temporary file behind where it came during a write
+    env = dict(env, POINTSPARSE_TRACEBACK="")
+    with open(tmp_path / "err2.txt", "w") as err_file:
+        proc = subprocess.Popen([*cmd, "--resume"], stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+        try:
+            for line in proc.stdout:
+                if line.startswith("epoch 3/"):
+                    break
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    err = (tmp_path / "err2.txt").read_text()
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)
+    assert "Traceback" not in err and err.strip().endswith(
+        "pointsparse train: terminated (SIGTERM) (train --resume continues from its last checkpoint)"), err
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    with mock.patch("pointsparse.app.demo.main", side_effect=cli.Terminated):
+        assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 143
     with mock.patch("pointsparse.app.demo.main", side_effect=KeyboardInterrupt):
         assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 130
     # a Ctrl-C while the command's module (and torch) import: the line too (it was the import's traceback)

@@ -8,6 +8,7 @@ them, and holds what their checks of the flags share (:func:`given_flags`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import os
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     returns 1; Ctrl-C
     (KeyboardInterrupt) prints ``pointsparse <command>: interrupted`` and
     returns 130, or, run as the program (``argv`` None), ends the process
-    by SIGINT as Python does (a shell's loop of commands then stops too)."""
+    by SIGINT as Python does (a shell's loop of commands then stops too);
+    SIGTERM alike (:class:`Terminated`: ``terminated (SIGTERM)``, 143 or
+    the process ended by SIGTERM), what the command was writing cleaned up."""
     words = sys.argv[1:] if argv is None else list(argv)
     # (the command: the first word not an option; the tool's own options, -h alone, take no value)
     typed = next((w for w in words if not w.startswith("-")), None)
@@ -206,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args._module.main(args) or 0)
-    except KeyboardInterrupt:  # (Ctrl-C: a line, not a traceback)
+        with _terminate_as_interrupt():
+            return int(args._module.main(args) or 0)
+    except KeyboardInterrupt as stop:  # (Ctrl-C, or SIGTERM: a line, not a traceback)
         if _traceback_asked():
             raise
         again = ""
         if args.command == "train" and (Path(args.out) / args._module.CHECKPOINT).is_file():
             again = " (train --resume continues from its last checkpoint)"
+        if isinstance(stop, Terminated):
+            return _terminated(f"pointsparse {args.command}: terminated (SIGTERM){again}", argv)
         return _interrupted(f"pointsparse {args.command}: interrupted{again}", argv)
     except (ValueError, OSError, MissingExtra) as error:
         # (an OSError naming no path, a full disk on write or a broken pipe, is the system's failure: raised)
@@ -247,6 +253,55 @@ def _interrupted(line: str, argv) -> int:
     if argv is None:
         _end_by_sigint()
     return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``) in a command: raised in
+    the main thread as a Ctrl-C is, so that what a command is writing is
+    cleaned up as for a Ctrl-C (a checkpoint's temporary file: the default
+    action ended the process and left it, 49 MB, behind) and it ends with
+    one line."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` in this process's main thread
+    while the block runs (the previous handler back after it); in a forked
+    child (a data loader's worker) the signal keeps its default action.
+    Nothing is installed off the main thread (Python allows it there only)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != owner:  # (a forked child: its default action, as before)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(line: str, argv) -> int:
+    """143 after ``line`` on stderr; run as the program (``argv`` None), the
+    process ends by SIGTERM instead (its default action restored), as it
+    did before the line."""
+    import signal
+
+    print(line, file=sys.stderr)
+    if argv is None and hasattr(os, "kill"):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return 143
 
 
 def _end_by_sigint() -> None:
