@@ -1002,7 +1002,7 @@ def test_resume_of_a_checkpoint_without_the_record_takes_the_flags_it_kept(tmp_p
     assert b["config"]["training"] == a["config"]["training"]
 
 
-def test_resume_reads_the_runs_data(tmp_path):
+def test_resume_reads_the_runs_data(tmp_path, capsys):
     """A run of files resumed without repeating its --data and --label-map trained its later epochs on the
     default data (24 generated scenes) and validated there, writing that into the run's checkpoint: the data
     flags left out are the run's now (its checkpoint keeps them, absolute). Typed, they are taken as given
@@ -1021,9 +1021,32 @@ def test_resume_reads_the_runs_data(tmp_path):
     # The files moved: typed, the new place is read.
     moved = tmp_path / "moved"
     data.rename(moved)
+    capsys.readouterr()
     tr.main(_parse(["--data", str(moved / "tile*.npz"), "--epochs", "3", "--resume", "--no-progress", "--out",
                     str(cut)]))
     assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
+    assert "validated on other clouds" not in capsys.readouterr().err  # (the same files, moved)
+    # Other validation clouds: the best epoch is then picked among mIoUs of other clouds, which a note says
+    other = _tiles(tmp_path / "other")
+    (other / "tile2.npz").rename(other / "held.npz")
+    tr.main(_parse(["--data", str(moved / "tile*.npz"), "--val-data", str(other / "held.npz"), "--epochs", "4",
+                    "--resume", "--no-progress", "--out", str(cut)]))
+    assert re.search(r"note: --resume .*checkpoint.pt: the run validated on other clouds \(1 cloud now, 0 of them "
+                     r"among its 1\): its best epoch \(best.pt\) is chosen among mIoUs of different clouds",
+                     capsys.readouterr().err)
+
+
+def test_resume_on_other_generated_validation_scenes_says_so(tmp_path, capsys):
+    """The generated scenes' flags that draw the validation scenes typed
+    anew on resume (--val-scenes, --beams, ...): the note names them; --scenes
+    (the training scenes) and the run's own values give none."""
+    out = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    capsys.readouterr()
+    tr.main(_parse([*TINY, "--epochs", "2", "--scenes", "3", "--resume", "--out", str(out)]))
+    assert "validated on other clouds" not in capsys.readouterr().err
+    tr.main(_parse([*TINY[:5], "2", *TINY[6:], "--epochs", "3", "--resume", "--out", str(out)]))
+    assert re.search(r"the run validated on other clouds \(--val-scenes 2 \(the run's 1\)\)", capsys.readouterr().err)
 
 
 def test_resume_mends_a_best_pt_whose_write_a_kill_cut_short(tmp_path, monkeypatch, capsys):

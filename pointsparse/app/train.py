@@ -1264,7 +1264,32 @@ class TrainingJob:
 
             check_data_classes(self.classes, self.config["classes"], f"--resume {self.resume_path}: --data",
                                not is_generated(args.data))
+            self._note_other_validation(state)
         return state
+
+    def _note_other_validation(self, state: dict) -> None:
+        """A note where the resumed run validates on other clouds than the
+        run did (other files, or generated scenes of other flags): its best
+        epoch is then picked among mIoUs of different clouds, and the curves
+        join them in one line (it was said nowhere)."""
+        if not self.dist.main or not state.get("history", {}).get("val_miou"):
+            return
+        saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+        # (by file name: files moved to another folder, --data typed anew, are the run's)
+        before = [Path(p).name for p in state.get("val_paths") or []]
+        now = [Path(p).name for p in getattr(self.val_src, "paths", [])]
+        if before or now:
+            differ = sorted(before) != sorted(now)
+            what = f"{counted(len(now), 'cloud')} now, {len(set(now) & set(before))} of them among its {len(before)}"
+        else:  # (generated scenes: the flags that draw the validation scenes; --scenes draws the training ones)
+            changed = [f"--{name.replace('_', '-')} {getattr(self.args, name)} (the run's {saved[name]})"
+                       for name in SCENE_FLAGS if name != "scenes" and name in saved
+                       and getattr(self.args, name, None) != saved[name]]
+            differ, what = bool(changed), ", ".join(changed)
+        if differ:
+            print(f"note: --resume {self.resume_path}: the run validated on other clouds ({what}): its best epoch "
+                  f"(best.pt) is chosen among mIoUs of different clouds from here on, and its curves join them",
+                  file=sys.stderr)
 
     def _build(self, resume_state) -> None:
         """Model (seeded), optimiser, data sets, sampler and schedule."""
