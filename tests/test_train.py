@@ -1036,6 +1036,20 @@ def test_resume_reads_the_runs_data(tmp_path, capsys):
                      capsys.readouterr().err)
 
 
+def test_resume_from_best_pt_in_its_folder_says_it_replaces_the_last_checkpoint(tmp_path, capsys):
+    """``--resume DIR/best.pt --out DIR`` branches from the best epoch, and
+    its first checkpoint replaced the run's later checkpoint.pt without a
+    word: a note says so before any work."""
+    out = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    capsys.readouterr()
+    tr.main(_parse([*TINY, "--epochs", "2", "--resume", str(out / "best.pt"), "--out", str(out)]))
+    assert re.search(r"note: --resume .*best.pt in its own folder goes on from epoch 1: its first checkpoint replaces "
+                     r".*checkpoint.pt, the run's last; to keep it, give another --out", capsys.readouterr().err)
+    tr.main(_parse([*TINY, "--epochs", "3", "--resume", "--out", str(out)]))  # (its own checkpoint.pt: no note)
+    assert "goes on from epoch" not in capsys.readouterr().err
+
+
 def test_resume_on_other_generated_validation_scenes_says_so(tmp_path, capsys):
     """The generated scenes' flags that draw the validation scenes typed
     anew on resume (--val-scenes, --beams, ...): the note names them; --scenes
@@ -1434,8 +1448,13 @@ def test_a_new_run_replaces_the_previous_runs_files_at_its_first_checkpoint(tmp_
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["checkpoint.pt"]
     state = tr.load_checkpoint(run / "checkpoint.pt")
     assert state["epoch"] == 1 and state["history"]["val_miou"] == [] and state["args"]["seed"] == 4
+    said = capsys.readouterr()
     assert re.search(r"a new run in .*run: the previous run's best\.pt, metrics\.json, curves\.png, "
-                     r"confusion\.png, topdown\.png removed", capsys.readouterr().out)
+                     r"confusion\.png, topdown\.png removed", said.out)
+    # (and said before any work, where a Ctrl-C still keeps the run: the line above came after its files were gone)
+    assert re.search(r"note: --out .*run holds a run: this run replaces it \(its checkpoint.pt, best.pt, report\) at "
+                     r"its first checkpoint; to continue that run instead, stop now and give train --resume --out "
+                     r".*run\n", said.err)
     # The run to its end: its own files, as a rerun of the demo into its folder writes them.
     tr.main(_parse([*TINY, "--epochs", "2", "--seed", "4", "--out", str(run)]))
     assert all((run / name).is_file() for name in RUN_FILES)

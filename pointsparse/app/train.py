@@ -1471,6 +1471,18 @@ class TrainingJob:
                  f"training and {len(self.val_src)} validation clouds; {self.dist.world} process(es) on "
                  f"{self.dist.device}, {torch.get_num_threads()} thread(s) each; "
                  f"{counted(self.steps_per_epoch, 'step')} per epoch")
+        if self.replaces_previous == PREVIOUS_RUN and (self.out / CHECKPOINT).is_file():
+            # (said before the work: the line at the first checkpoint came after the other run's files were gone)
+            print(f"note: --out {self.out} holds a run: this run replaces it (its {CHECKPOINT}, {BEST}, report) at "
+                  f"its first checkpoint; to continue that run instead, stop now and give train --resume --out "
+                  f"{self.out}", file=sys.stderr)
+        if self.resumed_here and self.resume_path.name != CHECKPOINT and (self.out / CHECKPOINT).is_file() and \
+                (self.out / CHECKPOINT).resolve() != self.resume_path.resolve():
+            # (--resume DIR/best.pt --out DIR: a branch from the best epoch, whose first checkpoint replaced the
+            # run's later checkpoint.pt without a word)
+            print(f"note: --resume {self.resume_path} in its own folder goes on from epoch {self.start_epoch}: its "
+                  f"first checkpoint replaces {self.out / CHECKPOINT}, the run's last; to keep it, give another "
+                  "--out", file=sys.stderr)
 
     def _load_data(self) -> None:
         """Generate or read every training cloud and this process's
