@@ -2506,6 +2506,15 @@ def test_majority_labels():
     assert majority_labels(inverse, np.full(8, 255), 4, 255).tolist() == [255] * 4
     with pytest.raises(ValueError, match=">= 0"):
         majority_labels(inverse, labels - 10, 4, 255)
+    # torch tensors (voxelize's inverse, a user's labels) give a tensor: a numpy result had no .float() / .to()
+    for a, b in ((torch.from_numpy(inverse), labels), (inverse, torch.from_numpy(labels)),
+                 (torch.from_numpy(inverse), torch.from_numpy(labels).int())):
+        got = majority_labels(a, b, 5, 255)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.int64 and got.tolist() == [5, 7, 1, 255, 255]
+    points = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [1.5, 0.1, 0.1]])
+    from pointsparse import voxelize
+    x, inv = voxelize(points, voxel_size=1.0)
+    assert majority_labels(inv, torch.tensor([3, 3, 4]), len(x), -100, mixed="ignore").tolist() == [3, 4]
 
 
 def test_majority_labels_mixed_ignore_is_minkowski_engines_convention():

@@ -126,17 +126,28 @@ def _int_array(value, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ignore_index: int,
-                    mixed: str = "majority") -> np.ndarray:
+def majority_labels(inverse, labels, num_voxels: int, ignore_index: int, mixed: str = "majority"):
     """Per-voxel majority of point ``labels`` (ignored points do not vote;
     ties: the smaller id): int64 ``(num_voxels,)``, ``ignore_index`` where
     no point votes. ``inverse[i]`` in ``[0, num_voxels)`` is the voxel of
-    point ``i``; labels are ``>= 0`` or ``ignore_index``.
+    point ``i``; labels are ``>= 0`` or ``ignore_index``. A numpy array
+    where both are arrays (or lists); a torch tensor, on ``inverse``'s
+    device (else ``labels``'), where either is a tensor (``voxelize``'s
+    inverse: a numpy result had no ``.float()`` / ``.to()``).
 
     ``mixed="ignore"``: MinkowskiEngine's ``sparse_quantize(labels=...,
     ignore_label=...)`` convention instead: a voxel whose points carry more
     than one label (``ignore_index`` counted as one) is ``ignore_index``,
     one whose points agree has their label."""
+    given = [v for v in (inverse, labels) if isinstance(v, torch.Tensor)]
+    if not given:
+        return _majority_labels(inverse, labels, num_voxels, ignore_index, mixed)
+    inverse, labels = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in (inverse, labels))
+    return torch.from_numpy(_majority_labels(inverse, labels, num_voxels, ignore_index, mixed)).to(given[0].device)
+
+
+def _majority_labels(inverse, labels, num_voxels: int, ignore_index: int, mixed: str) -> np.ndarray:
+    """:func:`majority_labels` of numpy arrays (or lists)."""
     if mixed not in ("majority", "ignore"):
         raise ValueError(f"mixed must be 'majority' or 'ignore'; got {mixed!r:.40}")
     inverse, labels = _int_array(inverse, "inverse"), _int_array(labels, "labels")
