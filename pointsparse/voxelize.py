@@ -403,7 +403,9 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
             order; a masked array is refused).
         feats: float ``(N, C)`` per-point features (likewise); default: the
             positions.
-        voxel_size: a positive number or 3 numbers.
+        voxel_size: a positive number or 3 numbers (default 1.0: coords
+            ``floor(points)``, MinkowskiEngine's default quantisation size;
+            give it by name: the second argument is ``feats``).
         batch: optional ``(N,)`` integer batch index of each point (likewise).
         reduce: how features of one voxel merge: ``"mean"``, ``"max"``, ``"sum"``
             or ``"first"`` (the lowest point index). Non-finite features
@@ -430,6 +432,9 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         raise ValueError(f"reduce must be one of {sorted(REDUCE_MODES)}; got {reduce!r}")
     if feats is None:
         feats = points
+    if isinstance(feats, (int, float)) and not isinstance(feats, bool):  # (TorchSparse's / ME's order: a size 2nd)
+        raise TypeError(f"feats must be a torch.Tensor (N, C) or None; got {type(feats).__name__} {feats!r}: "
+                        f"voxel_size is voxelize's third argument (voxelize(points, voxel_size={feats!r}))")
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
     check_float_dtype(feats, "feats")  # (the SparseTensor's feats: float8 failed inside torch)

@@ -1435,3 +1435,18 @@ def test_voxelize_takes_numpy_arrays_as_torchsparse_and_minkowski_quantisers_do(
         ps.voxelize(points.astype(object), voxel_size=0.5)
     with pytest.raises(TypeError, match="points must be a float tensor"):
         ps.voxelize(points.astype(np.int64), voxel_size=0.5)
+
+
+def test_a_voxel_size_given_second_is_named():
+    """``voxelize(points, 0.1)`` (TorchSparse's and MinkowskiEngine's
+    quantisers take the size second) said only "feats must be a
+    torch.Tensor; got float": it names voxel_size's place now."""
+    points = torch.rand(20, 3)
+    with pytest.raises(TypeError, match=r"feats must be a torch.Tensor \(N, C\) or None; got float 0.1: voxel_size is "
+                                        r"voxelize's third argument \(voxelize\(points, voxel_size=0.1\)\)"):
+        V.voxelize(points, 0.1)
+    with pytest.raises(TypeError, match=r"got int 2: .*voxel_size=2\)"):
+        V.voxelize(points, 2)
+    with pytest.raises(TypeError, match=r"feats must be a torch.Tensor; got bool"):
+        V.voxelize(points, True)
+    assert len(V.voxelize(points, voxel_size=0.1)[0]) > 1
