@@ -364,6 +364,20 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def brief(error: BaseException, limit: int = 200) -> str:
+    """``"Type: text"`` of ``error`` for a one-line message: its first line,
+    cut where it passes ``limit`` characters at the last sentence's end
+    before (else a word's, marked ``...``): a message cut at a fixed width
+    ended mid-sentence ("... there is a high likelihood that your
+    checkpoint file is)")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        end = text.rfind(". ", 0, limit)
+        text = text[:end + 1] if end > 0 else text[:max(text.rfind(" ", 0, limit), 1)].rstrip(" ,;:") + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def call(fn, *args, **keywords):
     """Call a core function; the core raises ValueError for bad arguments,
     and a MemoryError naming the function where its output does not fit

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ._ext import brief
+
 FORMAT = "pointsparse-checkpoint-1"
 _ENVELOPE_KEYS = {"format", "sha256", "payload"}
 
@@ -315,8 +317,7 @@ def _load_bytes(source, path: Path, what: str):
         reason = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
         raise ValueError(f"{path}: {what} is damaged or not a torch file ({reason[:200]})") from None
     except _READ_ERRORS as exc:
-        raise ValueError(f"{path}: {what} is damaged, truncated or not a torch file "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ValueError(f"{path}: {what} is damaged, truncated or not a torch file ({brief(exc)})") from None
 
 
 def archive_kind(path) -> str | None:

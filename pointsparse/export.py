@@ -338,7 +338,7 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
         atomic_write(path, lambda f: torch.export.save(program, f, extra_files={META_FILE: text}))
     except (RuntimeError, OSError) as error:  # torch's archive writer: "open file failed", a full disk, ...
         raise ValueError(f"cannot write the exported program to {path} "
-                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+                         f"({_ext.brief(error)})") from error
 
 
 def _input_containers(program: torch.export.ExportedProgram) -> set[str]:
@@ -456,7 +456,7 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
             raise ValueError(f"{path} is a torch.save file (a checkpoint?), not an exported program: pointsparse "
                              f"export --checkpoint {path} --out model.pt2 writes a training checkpoint's program "
                              "(pointsparse.export.export_model and save a model's)") from None
-        cause = kept.cause() or f"{type(error).__name__}: {str(error)[:200]}"
+        cause = kept.cause() or _ext.brief(error)
         raise ValueError(f"{path} is not a program written by pointsparse.export.save, or it is damaged, or it was "
                          f"written by another version of pointsparse or torch than these ({__version__} and "
                          f"{torch.__version__}) ({cause})") from error
@@ -518,8 +518,7 @@ def _check_members(path: Path, data: bytes) -> None:
             pass
         raise ValueError(f"{path} is damaged: its zip archive does not read ({error})") from error
     except (OSError, EOFError, ValueError, NotImplementedError) as error:
-        raise ValueError(f"{path} is damaged: its zip archive does not read "
-                         f"({type(error).__name__}: {str(error)[:200]})") from error
+        raise ValueError(f"{path} is damaged: its zip archive does not read ({_ext.brief(error)})") from error
     if cut:
         raise ValueError(f"{path} is damaged: its zip archive's end records are missing (the file is cut short: "
                          "written or copied only in part?)")

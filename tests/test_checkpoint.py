@@ -837,3 +837,21 @@ def test_a_write_cut_short_names_its_cause_and_leaves_nothing(tmp_path, error):
         from pointsparse.app.cli import _message
         assert _message(info.value) == f"{path}: No space left on device (writing it)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"] and path.read_bytes() == b"the epoch before"
+
+
+def test_a_damaged_files_cause_is_cut_at_a_sentence_not_mid_word():
+    """torch's reason for a file cut short was cut at 200 characters: "...
+    If you are seeing this error, there is a high likelihood that your
+    checkpoint file is)". The message keeps its first line up to the last
+    sentence's end within the limit (else a word's, marked ...)."""
+    from pointsparse._ext import brief
+
+    torch_says = ("PytorchStreamReader failed reading zip archive: failed finding central directory. If you are "
+                  "seeing this error, there is a high likelihood that your checkpoint file is corrupted. This can "
+                  "happen if the file was not saved properly.\nmore detail")
+    assert brief(RuntimeError(torch_says)) == ("RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+                                               "finding central directory. If you are seeing this error, there is a "
+                                               "high likelihood that your checkpoint file is corrupted.")
+    assert brief(ValueError("word " * 60)) == "ValueError: " + ("word " * 39).strip() + " ..."
+    assert brief(OSError("short")) == "OSError: short" and brief(KeyError()) == "KeyError"
+    assert len(brief(ValueError("x" * 500))) < 220

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._ext import MissingExtra
+from .._ext import MissingExtra, brief
 from .sample import NonFinitePositions, Sample
 
 DEFAULT_IGNORE = 255
@@ -438,7 +438,7 @@ def _names_the_file(reader):
         except (OSError, EOFError, KeyError, IndexError, TypeError, RuntimeError, MemoryError, OverflowError,
                 zipfile.BadZipFile, UnicodeDecodeError, tokenize.TokenError) as exc:
             # tokenize.TokenError: numpy parsing a corrupt .npy header
-            raise ValueError(f"{path}: cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
+            raise ValueError(f"{path}: cannot read this file ({brief(exc, 300)})") from None
     return read
 
 
@@ -918,7 +918,7 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
         if compressed and not laspy.LazBackend.detect_available():  # (an extra missing, as laspy itself is)
             raise MissingExtra(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs the "
                                f"optional extra lazrs or laszip: pip install lazrs ({exc})") from None
-        raise ValueError(f"{path}: laspy cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise ValueError(f"{path}: laspy cannot read this file ({brief(exc, 300)})") from None
     names = set(las.point_format.dimension_names)
     keep = None  # (the withheld flag: bit 7 of the classification byte in formats 0-5, a flag bit in 6-10)
     if not withheld and "withheld" in names:
