@@ -852,6 +852,6 @@ def test_a_damaged_files_cause_is_cut_at_a_sentence_not_mid_word():
     assert brief(RuntimeError(torch_says)) == ("RuntimeError: PytorchStreamReader failed reading zip archive: failed "
                                                "finding central directory. If you are seeing this error, there is a "
                                                "high likelihood that your checkpoint file is corrupted.")
-    assert brief(ValueError("word " * 60)) == "ValueError: " + ("word " * 39).strip() + " ..."
+    assert brief(ValueError("word " * 60)) == "ValueError: " + ("word " * 40).strip() + " ..."
     assert brief(OSError("short")) == "OSError: short" and brief(KeyError()) == "KeyError"
     assert len(brief(ValueError("x" * 500))) < 220
