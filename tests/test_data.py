@@ -1067,7 +1067,9 @@ def test_float_labels_whole_or_a_value_error(tmp_path):
     with pytest.raises(ValueError, match=r"scan_labels_1\.npy: labels must be whole numbers"):
         read_numpy(tmp_path / "scan_points_1.npy")
     np.savetxt(tmp_path / "rows.txt", np.array([[0, 0, 0, 3.0], [1, 1, 1, 2.5]]))
-    with pytest.raises(ValueError, match=r"rows\.txt label column: labels must be whole numbers"):
+    # (the value as a number: "first np.float64(2.5)" was numpy's repr)
+    with pytest.raises(ValueError, match=r"rows\.txt label column: labels must be whole numbers; 1 of 2 are not "
+                                         r"\(first 2\.5\)$"):
         read_text(tmp_path / "rows.txt")
 
 

@@ -342,7 +342,7 @@ def _integral(raw, where: str, placed: np.ndarray | None = None) -> np.ndarray:
     if not whole.all():
         bad = raw[~whole]
         raise ValueError(f"{where}: labels must be whole numbers; {bad.size} of {raw.size} are not "
-                         f"(first {bad[0]!r})")
+                         f"(first {float(bad[0])!r})")
     return raw.astype(np.int64)
 
 
