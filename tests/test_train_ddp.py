@@ -4,6 +4,7 @@ weights as one process on the same global batch."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,10 @@ def test_two_processes_match_one(tmp_path):
     single = subprocess.run([sys.executable, "-m", "pointsparse.app.train", *ARGS, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
+    # the same closing lines, the mIoU and the pictures (the parent of two processes printed its metrics.json alone)
+    for run, name in ((ddp, "ddp"), (single, "one")):
+        assert re.search(rf"mIoU [\d.]+%  ->  .*{name}/metrics.json\n  curves: .*{name}/curves.png\n", run.stdout), \
+            run.stdout[-2000:]
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")["model"]

@@ -1738,6 +1738,13 @@ class TrainingJob:
         self.log("\n" + metrics.format_table(cm, self.classes))
 
 
+def _print_report(report: dict, out) -> None:
+    """The run's closing lines: its mIoU, its metrics.json and pictures."""
+    print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(out) / 'metrics.json'}")
+    for name, path in report["pictures"].items():
+        print(f"  {name}: {path}")
+
+
 def main(args) -> int:
     take_run_flags(args)  # (first: what the run reads and its settings, as if typed)
     check_args(args)
@@ -1771,15 +1778,21 @@ def main(args) -> int:
                     _stop_workers(context.processes)
                 raise
         metrics_path = Path(args.out) / "metrics.json"
-        if metrics_path.is_file():
-            print(f"metrics: {metrics_path}")
+        if metrics_path.is_file():  # (the workers' report: the lines one process prints, as it prints them)
+            try:
+                report = json.loads(metrics_path.read_text())
+            except (OSError, ValueError):
+                report = None
+            if isinstance(report, dict) and isinstance(report.get("miou"), (int, float)) and \
+                    isinstance(report.get("pictures"), dict):
+                _print_report(report, args.out)
+            else:
+                print(f"metrics: {metrics_path}")
         return 0
     report = train(args)
     destroy(barrier=True)
     if report is not None:
-        print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(args.out) / 'metrics.json'}")
-        for name, path in report["pictures"].items():
-            print(f"  {name}: {path}")
+        _print_report(report, args.out)
     if _torchrun_world() > 1:  # (a torchrun process: its group's threads outlive it; see finish_process)
         finish_process()
     return 0
