@@ -154,7 +154,8 @@ def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
             (["--program", str(program), "--inference", "float32"], "keeps the form it was exported in"),  # (typed)
             (["--program", str(program), "--maps-ahead"], "an exported program builds its maps inside"),
             (["--program", str(program), "--label-map", "s3dis"], "--format npy writes class indices"),
-            (["--program", str(program), "--format", "label"], "give --label-map"),
+            (["--program", str(program), "--format", "label"],
+             "give --label-map (a map file of the model's classes: the run read its clouds through none"),
             (["--program", str(program), "--format", "label", "--label-map", "s3dis"], "has the classes"),
             (["--checkpoint", str(ckpt), "--data", str(tmp_path / "none")], "no such file or folder")):
         data = [] if "--data" in flags else ["--data", *map(str, paths)]

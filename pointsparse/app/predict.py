@@ -195,7 +195,11 @@ def main(args) -> int:
         if name is None and classes == semantic3d.classes:
             name = "semantic3d"
         if name is None:
-            raise ValueError(f"--format {args.format} needs the label map whose raw ids to write: give --label-map")
+            # (a run on generated scenes read no map, and none in datasets/ holds their classes: said so, where
+            # "give --label-map" sent the user looking for one)
+            raise ValueError(f"--format {args.format} needs the label map whose raw ids to write: give --label-map "
+                             "(a map file of the model's classes: the run read its clouds through none, and a "
+                             "model of generated scenes has no raw ids; --format npy writes class indices)")
         if not args.label_map:
             check_run_map_file(state, name, f"--format {args.format}")
         label_map = load_label_map(name)
