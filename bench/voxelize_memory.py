@@ -1,0 +1,117 @@
+"""The peak memory of `voxelize(reduce="max")` under no_grad: without the max's source rows against with them.
+
+    python bench/voxelize_memory.py [--points 2000000] [--channels 32] [--rounds 3] [--out PAGE.md] [--quick]
+
+Draws ``--points`` uniform points in a 100 m cube with ``--channels`` random
+features and voxelises them at 0.5 m with ``reduce="max"``, in a fresh
+child process per measurement, under ``torch.no_grad()``; the page gives how
+far the resident peak (``VmHWM``, reset through ``/proc/self/clear_refs``)
+grows over the call. Two forms, interleaved round by round in a seeded
+order:
+
+- ``no source rows``: ``pointsparse.voxelize`` (since stop 76: no gradient
+  will route through the max, so the core makes no int64 ``(M, C)`` rows);
+- ``with source rows``: the autograd path's core call
+  (``voxelize._VoxelizeCore``), which makes them, as every call did before.
+
+Both forms' voxels and features are compared (bit-equal expected). Linux
+only (it reads ``/proc``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from _common import environment, page_arg, page_path, positive_int, quick_defaults, write_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import hashlib, importlib, json, sys
+import torch
+import pointsparse as ps
+V = importlib.import_module("pointsparse.voxelize")
+form, n, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+points = torch.rand(n, 3, generator=g) * 100
+feats = torch.randn(n, c, generator=g)
+
+def peak():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+with torch.no_grad():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = peak()
+    if form == "with source rows":
+        out = V._VoxelizeCore.apply(feats, points, (0.5,) * 3, None, V.REDUCE_MODES["max"])
+        reduced, coords = out[0], out[1]
+    else:
+        x = ps.voxelize(points, feats, voxel_size=0.5, reduce="max")[0]
+        reduced, coords = x.feats, x.coords
+    grown = peak() - before
+digest = hashlib.sha256(reduced.numpy().tobytes() + coords.numpy().tobytes()).hexdigest()
+print(json.dumps({"voxels": len(coords), "grown": grown, "sha": digest}))
+"""
+
+
+def measure(form: str, points: int, channels: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", CHILD, form, str(points), str(channels)], capture_output=True,
+                         text=True, env=env)
+    if run.returncode != 0:
+        raise SystemExit(f"the {form} child failed (exit {run.returncode}): {run.stderr.strip()[-1500:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=positive_int, default=None, help="points (default 2,000,000; --quick 50,000)")
+    parser.add_argument("--channels", type=positive_int, default=32, help="feature channels (default 32)")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="interleaved rounds, one child per form each (default 3; --quick 1)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page (default bench/results/voxelize_memory.md)")
+    args = parser.parse_args()
+    quick_defaults(args, points=(2_000_000, 50_000), rounds=(3, 1))
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise SystemExit("bench/voxelize_memory.py reads /proc/self/status and resets /proc/self/clear_refs: Linux only")
+    forms = ["no source rows", "with source rows"]
+    grown: dict = {f: [] for f in forms}
+    seen: dict = {}
+    order = np.random.default_rng(0)
+    for _ in range(args.rounds):
+        for i in order.permutation(len(forms)):
+            result = measure(forms[i], args.points, args.channels)
+            grown[forms[i]].append(result["grown"] / 2**20)
+            seen.setdefault(forms[i], result)
+            print(forms[i], f"{grown[forms[i]][-1]:.0f} MiB", flush=True)
+    equal = seen[forms[0]]["sha"] == seen[forms[1]]["sha"]
+    base = statistics.median(grown["with source rows"])
+    rows = [f"| {f} | {statistics.median(grown[f]):.0f} | {', '.join(f'{g:.0f}' for g in grown[f])} | "
+            f"{statistics.median(grown[f]) / base:.2f}x |" for f in forms]
+    table = ("| form | peak growth MiB (median) | each round | against with source rows |\n|---|---|---|---|\n"
+             + "\n".join(rows))
+    write_markdown(page_path(args.out, "voxelize_memory.md", args.quick),
+                   "voxelize(reduce='max') under no_grad: peak memory without and with the max's source rows",
+                   "python bench/voxelize_memory.py " + shlex.join(sys.argv[1:]), environment(), [table],
+                   f"{args.points:,} uniform points in a 100 m cube, {args.channels} random channels, 0.5 m voxels "
+                   f"({seen[forms[0]]['voxels']:,} voxels), reduce='max' under no_grad; the growth of the resident "
+                   f"peak over the call, one child process per measurement, {args.rounds} interleaved round(s). "
+                   f"Voxels and features of both forms bit-equal: {'yes' if equal else 'NO'}.")
+    if not equal:
+        raise SystemExit("the two forms' results differ")
+
+
+if __name__ == "__main__":
+    main()
