@@ -256,6 +256,46 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def child_peaks(forms: list, run_child, rounds: int, script: str) -> tuple[dict, dict]:
+    """Peak-memory measurements of ``forms``, each in a fresh child process:
+    ``run_child(form)`` returns the argv (after ``python -c``) of a child
+    that prints one JSON line holding ``grown`` (bytes). The forms run round
+    by round in a seeded new order (as :func:`interleaved`); returns ``({form:
+    [MiB each round]}, {form: its first child's JSON})``. ``script`` names
+    the bench script in the Linux-only refusal (it reads ``/proc``)."""
+    import json
+    import subprocess
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise SystemExit(f"bench/{script} reads /proc/self/status and resets /proc/self/clear_refs: Linux only")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    grown: dict = {f: [] for f in forms}
+    seen: dict = {}
+    order = np.random.default_rng(0)
+    for _ in range(rounds):
+        for i in order.permutation(len(forms)):
+            run = subprocess.run([sys.executable, "-c", *run_child(forms[i])], capture_output=True, text=True,
+                                 env=env)
+            if run.returncode != 0:
+                raise SystemExit(f"the {forms[i]} child failed (exit {run.returncode}): "
+                                 f"{run.stderr.strip()[-1500:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            grown[forms[i]].append(result["grown"] / 2**20)
+            seen.setdefault(forms[i], result)
+            print(forms[i], f"{grown[forms[i]][-1]:.0f} MiB", flush=True)
+    return grown, seen
+
+
+def peak_table(grown: dict, base: str) -> str:
+    """The markdown table of :func:`child_peaks`' measurements, each form's
+    median against ``base``'s."""
+    reference = statistics.median(grown[base])
+    rows = [f"| {f} | {statistics.median(v):.0f} | {', '.join(f'{g:.0f}' for g in v)} | "
+            f"{statistics.median(v) / reference:.2f}x |" for f, v in grown.items()]
+    return (f"| form | peak growth MiB (median) | each round | against {base} |\n|---|---|---|---|\n"
+            + "\n".join(rows))
+
+
 def enforce_error(case: str, error: float, tolerance: float, what: str = "max abs diff") -> float:
     """``error`` when within ``tolerance``; else a RuntimeError naming the
     case, the error and the tolerance (NaN fails too), raised before

@@ -23,19 +23,13 @@ Both forms' logits are compared (bit-equal expected). Linux only (it reads
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from _common import (child_peaks, environment, page_arg, page_path, peak_table, positive_int, quick_defaults,
+                     write_markdown)
 
-from _common import environment, page_arg, page_path, positive_int, quick_defaults, write_markdown
-
-ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 
 CHILD = r"""
@@ -91,15 +85,6 @@ print(json.dumps({"voxels": len(x), "grown": grown, "source": source,
 """
 
 
-def measure(form: str, copies: int, cr: float, quick: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([sys.executable, "-c", CHILD, str(BENCH), form, str(copies), str(cr), "1" if quick else "0"],
-                         capture_output=True, text=True, env=env)
-    if run.returncode != 0:
-        raise SystemExit(f"the {form} child failed (exit {run.returncode}): {run.stderr.strip()[-1500:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=positive_int, default=None,
@@ -112,25 +97,12 @@ def main() -> None:
                         help="the page (default bench/results/inference_memory.md)")
     args = parser.parse_args()
     quick_defaults(args, copies=(8, 1), rounds=(3, 1))
-    if not os.path.exists("/proc/self/clear_refs"):
-        raise SystemExit("bench/inference_memory.py reads /proc/self/status and resets /proc/self/clear_refs: Linux only")
     forms = ["block by block", "whole stage"]
-    grown: dict = {f: [] for f in forms}
-    seen: dict = {}
-    order = np.random.default_rng(0)
-    for _ in range(args.rounds):
-        for i in order.permutation(len(forms)):
-            result = measure(forms[i], args.copies, args.cr, args.quick)
-            grown[forms[i]].append(result["grown"] / 2**20)
-            seen.setdefault(forms[i], result)
-            print(forms[i], f"{grown[forms[i]][-1]:.0f} MiB", flush=True)
+    grown, seen = child_peaks(forms, lambda form: [CHILD, str(BENCH), form, str(args.copies), str(args.cr),
+                                                   "1" if args.quick else "0"], args.rounds, "inference_memory.py")
     voxels = seen[forms[0]]["voxels"]
     equal = seen[forms[0]]["sha"] == seen[forms[1]]["sha"]
-    base = statistics.median(grown["whole stage"])
-    rows = [f"| {f} | {statistics.median(grown[f]):.0f} | {', '.join(f'{g:.0f}' for g in grown[f])} | "
-            f"{statistics.median(grown[f]) / base:.2f}x |" for f in forms]
-    table = ("| form | peak growth MiB (median) | each round | against whole stage |\n|---|---|---|---|\n"
-             + "\n".join(rows))
+    table = peak_table(grown, "whole stage")
     source = seen[forms[0]]["source"]
     write_markdown(page_path(args.out, "inference_memory.md", args.quick),
                    "MinkUNet inference peak memory: decoder stages block by block against whole",

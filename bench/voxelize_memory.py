@@ -20,19 +20,12 @@ only (it reads ``/proc``)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
-import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
+from _common import (child_peaks, environment, page_arg, page_path, peak_table, positive_int, quick_defaults,
+                     write_markdown)
 
-from _common import environment, page_arg, page_path, positive_int, quick_defaults, write_markdown
-
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import hashlib, importlib, json, sys
@@ -64,15 +57,6 @@ print(json.dumps({"voxels": len(coords), "grown": grown, "sha": digest}))
 """
 
 
-def measure(form: str, points: int, channels: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([sys.executable, "-c", CHILD, form, str(points), str(channels)], capture_output=True,
-                         text=True, env=env)
-    if run.returncode != 0:
-        raise SystemExit(f"the {form} child failed (exit {run.returncode}): {run.stderr.strip()[-1500:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=positive_int, default=None, help="points (default 2,000,000; --quick 50,000)")
@@ -84,24 +68,11 @@ def main() -> None:
                         help="the page (default bench/results/voxelize_memory.md)")
     args = parser.parse_args()
     quick_defaults(args, points=(2_000_000, 50_000), rounds=(3, 1))
-    if not os.path.exists("/proc/self/clear_refs"):
-        raise SystemExit("bench/voxelize_memory.py reads /proc/self/status and resets /proc/self/clear_refs: Linux only")
     forms = ["no source rows", "with source rows"]
-    grown: dict = {f: [] for f in forms}
-    seen: dict = {}
-    order = np.random.default_rng(0)
-    for _ in range(args.rounds):
-        for i in order.permutation(len(forms)):
-            result = measure(forms[i], args.points, args.channels)
-            grown[forms[i]].append(result["grown"] / 2**20)
-            seen.setdefault(forms[i], result)
-            print(forms[i], f"{grown[forms[i]][-1]:.0f} MiB", flush=True)
+    grown, seen = child_peaks(forms, lambda form: [CHILD, form, str(args.points), str(args.channels)], args.rounds,
+                              "voxelize_memory.py")
     equal = seen[forms[0]]["sha"] == seen[forms[1]]["sha"]
-    base = statistics.median(grown["with source rows"])
-    rows = [f"| {f} | {statistics.median(grown[f]):.0f} | {', '.join(f'{g:.0f}' for g in grown[f])} | "
-            f"{statistics.median(grown[f]) / base:.2f}x |" for f in forms]
-    table = ("| form | peak growth MiB (median) | each round | against with source rows |\n|---|---|---|---|\n"
-             + "\n".join(rows))
+    table = peak_table(grown, "with source rows")
     write_markdown(page_path(args.out, "voxelize_memory.md", args.quick),
                    "voxelize(reduce='max') under no_grad: peak memory without and with the max's source rows",
                    "python bench/voxelize_memory.py " + shlex.join(sys.argv[1:]), environment(), [table],

@@ -367,14 +367,16 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 def brief(error: BaseException, limit: int = 200) -> str:
     """``"Type: text"`` of ``error`` for a one-line message: its first line,
     cut where it passes ``limit`` characters at the last sentence's end
-    before (else a word's, marked ``...``): a message cut at a fixed width
+    in the limit's second half (else a word's there, else at the limit,
+    marked ``...``): a message cut at a fixed width
     ended mid-sentence ("... there is a high likelihood that your
     checkpoint file is)")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    if len(text) > limit:
-        end = text.rfind(". ", 0, limit)
-        text = text[:end + 1] if end > 0 else text[:max(text.rfind(" ", 0, limit), 1)].rstrip(" ,;:") + " ..."
+    if len(text) > limit:  # (a sentence's or a word's end in the limit's second half, else the limit itself)
+        end = text.rfind(". ", limit // 2, limit)
+        space = text.rfind(" ", limit // 2, limit)
+        text = text[:end + 1] if end > 0 else (text[:space] if space > 0 else text[:limit]).rstrip(" ,;:") + " ..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

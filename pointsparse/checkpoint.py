@@ -24,6 +24,7 @@ import io
 import os
 import pickle
 import secrets
+import sys
 import zipfile
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def atomic_write(path, write) -> None:
     while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_BYTES:
         name = name[:-1]
     tmp = path.with_name(f".{name}{suffix}")
+    handling = sys.exc_info()[1]  # (the caller's: what the chain below stops at)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -78,7 +80,7 @@ def atomic_write(path, write) -> None:
         tmp.unlink(missing_ok=True)
         # (torch's writer raised its own "unexpected pos" RuntimeError while a Ctrl-C or a full disk left its
         # archive: the Ctrl-C was a traceback of exit status 1, and the disk's error hid above the last line)
-        chain = _chain(error)
+        chain = _chain(error, handling)
         stop = next((e for e in chain if isinstance(e, KeyboardInterrupt)), None)
         if stop is not None and stop is not error:
             raise stop.with_traceback(None) from None
@@ -88,11 +90,13 @@ def atomic_write(path, write) -> None:
         raise
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def _chain(error: BaseException, outside: BaseException | None = None) -> list[BaseException]:
     """``error`` and the exceptions being handled when it was raised
-    (``__context__``, each in turn)."""
+    (``__context__``, each in turn), up to ``outside`` (what the caller was
+    handling when the write began: no cause of the write's)."""
     chain = [error]
-    while chain[-1].__context__ is not None and all(e is not chain[-1].__context__ for e in chain):
+    while (chain[-1].__context__ is not None and chain[-1].__context__ is not outside
+           and all(e is not chain[-1].__context__ for e in chain)):
         chain.append(chain[-1].__context__)
     return chain
 

@@ -5,6 +5,7 @@ surrounding voxels), both differentiable in the features."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -432,9 +433,9 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         raise ValueError(f"reduce must be one of {sorted(REDUCE_MODES)}; got {reduce!r}")
     if feats is None:
         feats = points
-    if isinstance(feats, (int, float)) and not isinstance(feats, bool):  # (TorchSparse's / ME's order: a size 2nd)
-        raise TypeError(f"feats must be a torch.Tensor (N, C) or None; got {type(feats).__name__} {feats!r}: "
-                        f"voxel_size is voxelize's third argument (voxelize(points, voxel_size={feats!r}))")
+    if _a_size(feats):  # (TorchSparse's / ME's order: a size second)
+        raise TypeError(f"feats must be a torch.Tensor (N, C) or None; got {type(feats).__name__} {feats!r:.60}: "
+                        f"voxel_size is voxelize's third argument (voxelize(points, voxel_size=...))")
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
     check_float_dtype(feats, "feats")  # (the SparseTensor's feats: float8 failed inside torch)
@@ -444,6 +445,16 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
     if feats.device != points.device:
         raise ValueError(f"feats are on {feats.device} but points on {points.device}")
     return _voxelize(points, feats, vs, batch, reduce)
+
+
+def _a_size(value) -> bool:
+    """Whether ``value`` reads as a voxel size (a number, or 3 of them) rather
+    than feats: a bool is neither."""
+
+    def number(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+    return number(value) or (isinstance(value, (tuple, list)) and len(value) == 3 and all(map(number, value)))
 
 
 def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):

@@ -854,4 +854,28 @@ def test_a_damaged_files_cause_is_cut_at_a_sentence_not_mid_word():
                                                "high likelihood that your checkpoint file is corrupted.")
     assert brief(ValueError("word " * 60)) == "ValueError: " + ("word " * 40).strip() + " ..."
     assert brief(OSError("short")) == "OSError: short" and brief(KeyError()) == "KeyError"
-    assert len(brief(ValueError("x" * 500))) < 220
+    # no break late enough (a long path, an early sentence): cut at the limit, not down to a word or two
+    assert brief(ValueError("x" * 500)) == "ValueError: " + "x" * 200 + " ..."
+    assert brief(RuntimeError("/" + "a" * 300 + " is missing")) == "RuntimeError: /" + "a" * 199 + " ..."
+    assert brief(ValueError("Error. " + "d" * 300)) == "ValueError: Error. " + "d" * 193 + " ..."
+
+
+@pytest.mark.parametrize("outside", ["disk", "interrupt"])
+def test_a_write_called_while_handling_an_error_keeps_its_own_error(tmp_path, outside):
+    """A write inside the caller's ``except`` (a save on error) whose own
+    failure is a TypeError came out as the caller's OSError ("Input/output
+    error (writing it)") or as a bare KeyboardInterrupt: the chain the
+    write reads stops at what the caller was handling."""
+    import errno
+
+    from pointsparse.checkpoint import atomic_write
+
+    def bad(f):
+        raise TypeError("not data")
+
+    with pytest.raises(TypeError, match="not data"):
+        try:
+            raise OSError(errno.EIO, "Input/output error") if outside == "disk" else KeyboardInterrupt()
+        except (OSError, KeyboardInterrupt):
+            atomic_write(tmp_path / "x.pt", bad)
+    assert list(tmp_path.iterdir()) == []

@@ -2457,6 +2457,16 @@ def test_init_from_a_channel_pruned_checkpoint_builds_its_widths(tmp_path, capsy
                     str(tmp_path / "wide")]))
     log = capsys.readouterr().out
     assert "--init" in log and "the run builds what was typed, --cr 0.25 (its 0.125)" in log, log
+    # a checkpoint of VoxelSkip layers and no channel cut: its voxel layers, no widths (its wrapped layers' names
+    # counted as narrowed ones)
+    skipped = tmp_path / "skipped"
+    assert app_cli.main(["prune", "voxels", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(skipped)]) == 0
+    capsys.readouterr()
+    tr.main(_parse([*untyped, "--epochs", "1", "--init", str(skipped / "checkpoint.pt"), "--out",
+                    str(tmp_path / "fine-skipped")]))
+    log = capsys.readouterr().out
+    assert re.search(r"building its minkunet \(cr 0.125, blocks 1\) with its voxel_skip layers\n", log), log
+    assert "widths" not in tr.load_checkpoint(tmp_path / "fine-skipped" / "checkpoint.pt")["config"]
 
 
 def test_init_from_a_pruned_checkpoint_keeps_its_masks():

@@ -1443,10 +1443,13 @@ def test_a_voxel_size_given_second_is_named():
     torch.Tensor; got float": it names voxel_size's place now."""
     points = torch.rand(20, 3)
     with pytest.raises(TypeError, match=r"feats must be a torch.Tensor \(N, C\) or None; got float 0.1: voxel_size is "
-                                        r"voxelize's third argument \(voxelize\(points, voxel_size=0.1\)\)"):
+                                        r"voxelize's third argument \(voxelize\(points, voxel_size=...\)\)"):
         V.voxelize(points, 0.1)
-    with pytest.raises(TypeError, match=r"got int 2: .*voxel_size=2\)"):
-        V.voxelize(points, 2)
+    import numpy as np
+    for size, shown in ((2, "int 2"), (np.float32(0.1), "float32 "), ((0.1, 0.1, 0.2), r"tuple \(0.1, 0.1, 0.2\)"),
+                        ([1, 1, 2], r"list \[1, 1, 2\]")):
+        with pytest.raises(TypeError, match=rf"got {shown}.*voxel_size is voxelize's third argument"):
+            V.voxelize(points, size)
     with pytest.raises(TypeError, match=r"feats must be a torch.Tensor; got bool"):
         V.voxelize(points, True)
     assert len(V.voxelize(points, voxel_size=0.1)[0]) > 1

@@ -889,8 +889,8 @@ def init_architecture(args, checkpoint: dict, num_classes: int, log=print) -> di
     except (ValueError, TypeError) as error:
         raise ValueError(f"--init {args.init}: {error}") from error
     built = widths(source)
-    plain = widths(build_model({key: config[key] for key in ("in_channels", "classes", "cr", "blocks", "model")
-                                if key in config}))
+    # (the checkpoint's model without a channel cut: its voxel layers too, whose wrapped names differ)
+    plain = widths(build_model({**config, "widths": None}))
     if built != plain:
         head = next(name for name in built if name == "classifier" or name.startswith("classifier."))
         structure["widths"] = {**built, head: {**built[head], "out": num_classes}}

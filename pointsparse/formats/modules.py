@@ -167,7 +167,21 @@ def refuse_export(name: str) -> None:
 LINEAR_EXECUTIONS = ("dense", "format")
 
 
-class SparseLinear(nn.Module):
+class _HoldsNoWeight:
+    """A compressed layer's missing ``weight`` (``weight_orig``,
+    ``weight_mask``): an AttributeError saying why (torch's pruning of it
+    raised a bare one), still an AttributeError (``hasattr`` False)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _WEIGHT_NAMES:
+                raise
+        raise _missing_weight(self, name)
+
+
+class SparseLinear(_HoldsNoWeight, nn.Module):
     """``y = x @ W.T + b`` with W (out, in) held in a sparse format.
 
     ``execution="format"``: computes ``(W @ x.T).T`` with the format's
@@ -296,14 +310,6 @@ class SparseLinear(nn.Module):
     def train(self, mode: bool = True):
         warn_training(self, mode)
         return super().train(mode)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name not in _WEIGHT_NAMES:
-                raise
-        raise _missing_weight(self, name)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}, "
@@ -467,7 +473,7 @@ def dense_weight(offsets) -> torch.Tensor:
 EXECUTIONS = ("engine", "format")
 
 
-class SparseConv3d(SparseBackwardHooks, nn.Module):
+class SparseConv3d(SparseBackwardHooks, _HoldsNoWeight, nn.Module):
     """A pointsparse ``Conv3d`` whose weight (K, C_in, C_out) is held in a
     sparse format: one ``W[o].T`` (C_out, C_in) per kernel offset, or for FKW
     one filter-kernel-weight array over the (C_out, C_in, K) weight.
@@ -754,14 +760,6 @@ class SparseConv3d(SparseBackwardHooks, nn.Module):
     def train(self, mode: bool = True):
         warn_training(self, mode)
         return super().train(mode)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name not in _WEIGHT_NAMES:
-                raise
-        raise _missing_weight(self, name)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
