@@ -553,6 +553,9 @@ def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         assert words in capsys.readouterr().err, argv
     assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.pt"]
+    # a missing checkpoint: named, and --out's new folder not made (it was made before the checkpoint was read)
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "new" / "m.pt2")]) == 2
+    assert "none.pt" in capsys.readouterr().err and not (tmp_path / "new").exists()
     program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
     with pytest.raises(ValueError, match="is a folder"):
         export.save(program, tmp_path)

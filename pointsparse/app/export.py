@@ -43,14 +43,15 @@ def main(args) -> int:
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out} is the checkpoint it would export (--checkpoint); give another file for "
                          "the program (e.g. model.pt2)")
-    if not out.is_dir():  # (a folder: check_out_path names it as one)
-        if out.suffix.lower() != ".pt2":
-            raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
-        if not out.parent.exists():  # (as eval's and predict's --out: made, where it can be, before the work)
-            make_directory(out.parent, f"--out {out}: its folder")
-    export.check_out_path(args.out)  # before the export's work
+    if not out.is_dir() and out.suffix.lower() != ".pt2":  # (a folder: check_out_path names it as one)
+        raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
     state = load_checkpoint(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
     model, config = checkpoint_model(state, args.checkpoint).eval(), state["config"]
+    if not out.is_dir() and not out.parent.exists():
+        # (as eval's and predict's --out: made, where it can be, before the export's work; after the checkpoint
+        # is read, so that a missing or bad one leaves no empty folder)
+        make_directory(out.parent, f"--out {out}: its folder")
+    export.check_out_path(args.out)  # before the export's work
     model = inference_model(model, args.inference)
     dtype = feats_dtype(model, torch.float32)
     point_level = isinstance(model, SPVCNN)
