@@ -5,7 +5,6 @@ surrounding voxels), both differentiable in the features."""
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
@@ -448,13 +447,15 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
 
 
 def _a_size(value) -> bool:
-    """Whether ``value`` reads as a voxel size (a number, or 3 of them) rather
-    than feats: a bool is neither."""
-
-    def number(v) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-    return number(value) or (isinstance(value, (tuple, list)) and len(value) == 3 and all(map(number, value)))
+    """Whether ``value``, given as feats, reads as a voxel size
+    (:func:`_voxel_size` takes it: a positive number, or 3 of them)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return False
+    try:
+        _voxel_size(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):
