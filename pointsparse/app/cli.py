@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and (Path(args.out) / args._module.CHECKPOINT).is_file():
             again = " (train --resume continues from its last checkpoint)"
         if isinstance(stop, Terminated):
-            return _terminated(f"pointsparse {args.command}: terminated (SIGTERM){again}", argv)
+            return _interrupted(f"pointsparse {args.command}: terminated (SIGTERM){again}", argv, "SIGTERM")
         return _interrupted(f"pointsparse {args.command}: interrupted{again}", argv)
     except (ValueError, OSError, MissingExtra) as error:
         # (an OSError naming no path, a full disk on write or a broken pipe, is the system's failure: raised)
@@ -245,14 +245,15 @@ def _error_line(command: str, message: str, status: int) -> int:
     return status
 
 
-def _interrupted(line: str, argv) -> int:
-    """130 after ``line`` on stderr; run as the program (``argv`` None), the
-    process ends by SIGINT instead, as Python's does, so that a shell's
+def _interrupted(line: str, argv, signal_name: str = "SIGINT") -> int:
+    """128 + the signal's number (130 for SIGINT, 143 for SIGTERM) after
+    ``line`` on stderr; run as the program (``argv`` None), the process ends
+    by that signal instead, as Python's does for SIGINT, so that a shell's
     loop of commands stops too."""
     print(line, file=sys.stderr)
     if argv is None:
-        _end_by_sigint()
-    return 130
+        _end_by(signal_name)
+    return {"SIGINT": 130, "SIGTERM": 143}[signal_name]
 
 
 class Terminated(KeyboardInterrupt):
@@ -291,27 +292,16 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _terminated(line: str, argv) -> int:
-    """143 after ``line`` on stderr; run as the program (``argv`` None), the
-    process ends by SIGTERM instead (its default action restored), as it
-    did before the line."""
+def _end_by(signal_name: str) -> None:
+    """This process ended by the signal named (``"SIGINT"``, ``"SIGTERM"``),
+    its default action restored (where the platform has it; else the
+    caller returns its code)."""
     import signal
 
-    print(line, file=sys.stderr)
-    if argv is None and hasattr(os, "kill"):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-    return 143
-
-
-def _end_by_sigint() -> None:
-    """This process ended by SIGINT, its default action restored (where the
-    platform has it; else the caller returns 130)."""
-    import signal
-
-    if hasattr(signal, "SIGINT") and hasattr(os, "kill"):
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+    signum = getattr(signal, signal_name, None)
+    if signum is not None and hasattr(os, "kill"):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _message(error: Exception) -> str:
