@@ -33,7 +33,7 @@ from ..data.datasets import is_generated
 from ..data.transforms import check_voxel_extent
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE, MAX_RAYS
 from ..models import SyncBatchNorm, build_model, model_from_state
-from ..models.loading import negative_variance_entry, non_finite_entry
+from ..models.loading import negative_variance_entry, non_finite_entry, shape_like
 from ..nn import BatchStatisticsError
 from . import counted, metrics
 from .cli import TRACEBACK_ENV, CommandParser, given_flags
@@ -884,8 +884,10 @@ def init_architecture(args, checkpoint: dict, num_classes: int, log=print) -> di
             "are copied where their names and shapes fit")
         return {}
     structure = {key: config[key] for key in ("voxel_skip", "voxel_prune") if config.get(key) is not None}
-    try:  # (the checkpoint's own model: its widths, recorded or only in its weights' shapes)
-        source = model_from_state(checkpoint, allow_non_finite=True)
+    try:  # (the checkpoint's own model, shaped as its weights are: its widths, recorded or only in their shapes;
+        # the weights themselves are copied once, by init_from)
+        source = build_model(config)
+        shape_like(source, checkpoint["model"])
     except (ValueError, TypeError) as error:
         raise ValueError(f"--init {args.init}: {error}") from error
     built = widths(source)
