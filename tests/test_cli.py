@@ -868,36 +868,32 @@ def test_ctrl_c_is_a_line_not_a_traceback(tmp_path):
            "--beams", "16", "--azimuth-steps", "192", "--max-range", "16", "--cr", "0.125", "--blocks", "1",
            "--voxel-size", "0.5", "--epochs", "10000", "--no-progress", "--out", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", POINTSPARSE_NUM_THREADS="1")
-    with open(tmp_path / "err.txt", "w") as err_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
-        try:
-            for line in proc.stdout:  # (the first epoch done: its checkpoint written)
-                if line.startswith("epoch 2/"):
-                    break
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-    err = (tmp_path / "err.txt").read_text()
-    assert proc.returncode == -signal.SIGINT, (proc.returncode, err)
+
+    def stopped_after(argv, line_start: str, signum, err_path):
+        """(exit status, stderr) of ``argv`` sent ``signum`` once a stdout line starts with ``line_start``."""
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+            try:
+                for line in proc.stdout:
+                    if line.startswith(line_start):
+                        break
+                proc.send_signal(signum)
+                proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+        return proc.returncode, err_path.read_text()
+
+    # (the first epoch done: its checkpoint written)
+    status, err = stopped_after(cmd, "epoch 2/", signal.SIGINT, tmp_path / "err.txt")
+    assert status == -signal.SIGINT, (status, err)
     assert "Traceback" not in err and err.strip().endswith(
         "pointsparse train: interrupted (train --resume continues from its last checkpoint)"), err
     assert (out / "checkpoint.pt").is_file()
     # SIGTERM (a scheduler's preemption) alike: it ended the process by its default action, no line, and left
     # a checkpoint's temporary file behind where it came during a write
     env = dict(env, POINTSPARSE_TRACEBACK="")
-    with open(tmp_path / "err2.txt", "w") as err_file:
-        proc = subprocess.Popen([*cmd, "--resume"], stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
-        try:
-            for line in proc.stdout:
-                if line.startswith("epoch 3/"):
-                    break
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-    err = (tmp_path / "err2.txt").read_text()
-    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err)
+    status, err = stopped_after([*cmd, "--resume"], "epoch 3/", signal.SIGTERM, tmp_path / "err2.txt")
+    assert status == -signal.SIGTERM, (status, err)
     assert "Traceback" not in err and err.strip().endswith(
         "pointsparse train: terminated (SIGTERM) (train --resume continues from its last checkpoint)"), err
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
