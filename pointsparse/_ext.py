@@ -5,6 +5,7 @@ back as tensors sharing the core's buffers."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -362,6 +363,24 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype | None) -> np.ndarray:
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def foreign_keywords(hints: dict[str, str]):
+    """Decorate a constructor so that a keyword another library's class of
+    the same role takes (MinkowskiEngine's ``features=``, ``dimension=``;
+    spconv's ``indice_key=``) is a TypeError saying what to write here,
+    not Python's bare "unexpected keyword argument". The signature stays
+    the function's (``functools.wraps``)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if kwargs:
+                for name in filter(hints.__contains__, kwargs):  # (a constructor: the class called, a subclass's too)
+                    where = type(args[0]).__name__ if fn.__name__ == "__init__" and args else fn.__qualname__
+                    raise TypeError(f"{where}() takes no {name}= argument: {hints[name]}")
+            return fn(*args, **kwargs)
+        return call
+    return wrap
 
 
 def brief(error: BaseException, limit: int = 200) -> str:

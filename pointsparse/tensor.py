@@ -553,6 +553,27 @@ def _check_downsamples_to(cache: CoordinateCache, stride: Triple, coords: torch.
                              "tensors first and coarser ones with a strided conv (or leave cache unset)")
 
 
+_SHARE_MAPS = ("tensors made from one another (layers' outputs, with_feats) share one CoordinateCache, which holds "
+               "their kernel maps; cache= shares a tensor's with a new one on the same coords")
+_SPARSE_TENSOR_HINTS = {
+    "features": "the feats are its first argument: SparseTensor(feats, coords, stride)",
+    "coordinates": "the coords are its second argument: SparseTensor(feats, coords, stride), int32 [batch, x, y, z] "
+                   "rows, the batch index first",
+    "indices": "the coords are its second argument: SparseTensor(feats, coords, stride), int32 [batch, x, y, z] "
+               "rows, the batch index first (spconv's indices)",
+    "tensor_stride": "the tensor stride is stride= (an int or 3 ints)",
+    "coordinate_manager": _SHARE_MAPS,
+    "coordinate_map_key": _SHARE_MAPS,
+    "quantization_mode": "voxelise the points first: x, inverse = pointsparse.voxelize(points, feats, voxel_size) "
+                         "(its reduce= says how a voxel's points combine)",
+    "device": "make feats and coords on that device, or move the tensor with .to(device)",
+    "requires_grad": "set it on the feats (feats.requires_grad_()) before making the tensor",
+    "spatial_range": "the coords may take any int32 values, with no range to give",
+    "spatial_shape": "the coords may take any int32 values, with no grid shape to give",
+    "batch_size": "the batch is the coords' first column (the items 0 .. B-1)",
+}
+
+
 class SparseTensor:
     """Features ``(N, C)`` on int32 coordinates ``(N, 4)`` = ``[batch, x, y, z]``.
 
@@ -570,6 +591,7 @@ class SparseTensor:
 
     __slots__ = ("_feats", "_coords", "_stride", "cache")
 
+    @_ext.foreign_keywords(_SPARSE_TENSOR_HINTS)  # (MinkowskiEngine's, TorchSparse's and spconv's keywords)
     def __init__(self, feats: torch.Tensor, coords: torch.Tensor, stride=1, *, cache: CoordinateCache | None = None,
                  validate: bool = True) -> None:
         if torch.jit.is_tracing():  # (its trace of the core's calls was an empty tensor's allocation: garbage out)

@@ -594,3 +594,32 @@ def test_a_minkowski_batchnorm_and_linear_state_dict_loads():
     short = {k: v for k, v in theirs.items() if k != "1.bn.bias"}
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.bias\""):
         net.load_state_dict(short)
+
+
+@pytest.mark.parametrize("make, name, says", [
+    (lambda f, c: ps.SparseTensor(features=f, coordinates=c), "features", "first argument"),
+    (lambda f, c: ps.SparseTensor(f, coordinates=c), "coordinates", "second argument"),
+    (lambda f, c: ps.SparseTensor(f, c, tensor_stride=2), "tensor_stride", "stride="),
+    (lambda f, c: ps.SparseTensor(f, c, quantization_mode=0), "quantization_mode", "pointsparse.voxelize"),
+    (lambda f, c: ps.nn.Conv3d(1, 2, 3, dimension=3), "dimension", "3-D"),
+    (lambda f, c: ps.nn.Conv3d(1, 2, 3, indice_key="subm1"), "indice_key", "share kernel maps"),
+    (lambda f, c: ps.nn.Conv3d(1, 2, 3, padding=1), "padding", "submanifold"),
+    (lambda f, c: ps.nn.Conv3d(1, 2, 2, 2, transposed=True, generative=True), "generative", "no generative"),
+    (lambda f, c: ps.nn.Conv3d(1, 2, 3, has_bias=True), "has_bias", "bias="),
+    (lambda f, c: ps.nn.MaxPool3d(2, 2, dimension=3), "dimension", "3-D"),
+])
+def test_another_librarys_keyword_says_what_to_write_here(make, name, says):
+    # MinkowskiEngine's SparseTensor(features=, coordinates=) and
+    # MinkowskiConvolution(dimension=), spconv's indice_key= / padding=: a port
+    # met Python's bare "unexpected keyword argument" (review 76 left item).
+    feats, coords = torch.ones(2, 1), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    with pytest.raises(TypeError, match=rf"takes no {name}= argument: .*{says}"):
+        make(feats, coords)
+
+
+def test_a_keyword_no_library_takes_is_pythons_error_and_the_signature_stays():
+    import inspect
+    with pytest.raises(TypeError, match="unexpected keyword argument 'featurez'"):
+        ps.SparseTensor(torch.ones(1, 1), torch.zeros(1, 4, dtype=torch.int32), featurez=1)
+    assert list(inspect.signature(ps.nn.Conv3d).parameters)[:3] == ["in_channels", "out_channels", "kernel_size"]
+    assert "feats" in inspect.signature(ps.SparseTensor).parameters

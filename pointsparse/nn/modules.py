@@ -147,6 +147,31 @@ def _factory_kwargs(device, dtype) -> dict:
 MAX_WEIGHT_ELEMENTS = 2**31
 
 
+_THREE_D = "pointsparse's layers are 3-D (coords [batch, x, y, z]): leave it out"
+_NO_GENERATIVE = ("no generative transposed conv here: transposed=True goes back onto the finer coords the strided "
+                  "conv it mirrors came from (the tensor's cache holds them)")
+_ALGORITHM = "the engine picks its kernels and kernel-map algorithm itself: leave it out"
+_CONV_HINTS = {
+    "dimension": _THREE_D,
+    "D": _THREE_D,
+    "indice_key": ("convs share kernel maps by themselves (the tensor's CoordinateCache): a conv of the same kernel, "
+                   "stride and dilation on the same coords reuses one, and a transposed conv the map of the strided "
+                   "conv it mirrors"),
+    "padding": ("a conv of stride 1 outputs on its input coords (submanifold: spconv's SubMConv3d, whose padding is "
+                "ignored), a strided one on its inputs floored to the stride (a SparseConv3d of kernel_size == "
+                "stride, padding 0): there is no padding to give"),
+    "generative": _NO_GENERATIVE,
+    "expand_coordinates": _NO_GENERATIVE,
+    "kernel_generator": "a custom kernel region is kernel_region= ('cross', or a list of offset indices)",
+    "region_type": "a custom kernel region is kernel_region= ('cross', or a list of offset indices)",
+    "groups": "pointsparse convs are not grouped (every output channel reads every input channel)",
+    "has_bias": "the bias flag is bias=",
+    "algo": _ALGORITHM,
+    "config": _ALGORITHM,
+    "convolution_mode": _ALGORITHM,
+}
+
+
 class Conv3d(SparseBackwardHooks, nn.Module):
     """Sparse 3-D convolution; ``weight`` is ``(K, C_in, C_out)`` (API.md).
 
@@ -178,6 +203,7 @@ class Conv3d(SparseBackwardHooks, nn.Module):
     values, or on the CPU of more bytes than the system has available, is a
     ValueError before anything is allocated."""
 
+    @_ext.foreign_keywords(_CONV_HINTS)  # (MinkowskiEngine's, TorchSparse's and spconv's keywords)
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
                  bias: bool = False, transposed: bool = False, kernel_region=None, *, device=None,
                  dtype=None) -> None:
@@ -616,6 +642,7 @@ class VoxelSkip(SparseBackwardHooks, nn.Module):
 class _Pool3d(SparseBackwardHooks, nn.Module):
     function = staticmethod(F.max_pool3d)
 
+    @_ext.foreign_keywords({"dimension": _THREE_D, "D": _THREE_D})  # (MinkowskiEngine's pooling takes one)
     def __init__(self, kernel_size=2, stride=None, dilation=1) -> None:
         super().__init__()
         self.kernel_size = as_triple(kernel_size, "kernel_size")
