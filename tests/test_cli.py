@@ -897,6 +897,10 @@ def test_ctrl_c_is_a_line_not_a_traceback(tmp_path):
     assert "Traceback" not in err and err.strip().endswith(
         "pointsparse train: terminated (SIGTERM) (train --resume continues from its last checkpoint)"), err
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    # with the traceback asked for: the traceback, and the process still ends by SIGTERM (it ended as by SIGINT)
+    env = dict(env, POINTSPARSE_TRACEBACK="1")
+    status, err = stopped_after([*cmd, "--resume"], "epoch 4/", signal.SIGTERM, tmp_path / "err3.txt")
+    assert status == -signal.SIGTERM and "Traceback" in err and "Terminated" in err, (status, err[-2000:])
     with mock.patch("pointsparse.app.demo.main", side_effect=cli.Terminated):
         assert cli.main(["demo", "--out", str(tmp_path / "d")]) == 143
     with mock.patch("pointsparse.app.demo.main", side_effect=KeyboardInterrupt):

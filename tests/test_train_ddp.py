@@ -269,3 +269,66 @@ def test_a_sigint_to_the_parent_alone_stops_its_workers(tmp_path):
     while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(pid) for pid in workers), workers
+
+
+SLOW_WRITE_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from pointsparse.app import cli, train as tr
+
+    REAL = tr._spawn_worker
+
+    def worker(rank, world, port, args):
+        if rank == 0:  # rank 0's write of epoch 2's checkpoint stops in its fsync (a slow disk) until a signal comes
+            fsync = os.fsync
+
+            def slow(fd):
+                if os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+                    print("WRITING", flush=True)
+                    for _ in range(1200):  # (short sleeps: a signal another thread took is handled between them)
+                        time.sleep(0.1)
+                fsync(fd)
+            os.fsync = slow
+        REAL(rank, world, port, args)
+
+    if __name__ == "__main__":
+        tr._spawn_worker = worker
+        sys.exit(cli.main(["train", *sys.argv[1:]]))  # (143 after SIGTERM's line: called with its words)
+""")
+
+
+def test_a_sigterm_to_the_process_group_cleans_up_the_workers_checkpoint_write(tmp_path):
+    """A scheduler's stop signals every process of the job: ``kill -TERM``
+    of ``train --nproc 2``'s process group. The workers had no handler, so
+    rank 0, killed by SIGTERM's default action in a checkpoint write, left
+    its temporary file (up to hundreds of MB) in the run folder. A worker
+    now cleans up as for a Ctrl-C and then ends by SIGTERM."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    script = tmp_path / "slow_write.py"
+    script.write_text(SLOW_WRITE_SCRIPT)
+    out = tmp_path / "run"
+    argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "3", *ARGS[ARGS.index("--epochs") + 2:]]
+    proc = subprocess.Popen([sys.executable, str(script), *argv, "--nproc", "2", "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("WRITING"):
+                break
+        temporary = [p.name for p in out.iterdir() if ".tmp-" in p.name]
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the job did not end after SIGTERM") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert temporary, "the write had not begun"  # (the test's own premise)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().endswith("pointsparse train: terminated (SIGTERM) (train --resume continues from its last "
+                                "checkpoint)"), err[-3000:]
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1  # (epoch 1's, whole)
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], sorted(p.name for p in out.iterdir())

@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._module.main(args) or 0)
     except KeyboardInterrupt as stop:  # (Ctrl-C, or SIGTERM: a line, not a traceback)
         if _traceback_asked():
+            if isinstance(stop, Terminated) and argv is None:  # (raised, it ended the process as SIGINT does)
+                import traceback
+
+                traceback.print_exc()
+                _end_by("SIGTERM")
             raise
         again = ""
         if args.command == "train" and (Path(args.out) / args._module.CHECKPOINT).is_file():
@@ -283,13 +288,35 @@ def _terminate_as_interrupt():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        # (the cleanup that Terminated runs is not cut short by a second signal: a process group's SIGTERM
+        # reaches a --nproc worker, and then its parent's SIGINT; that KeyboardInterrupt, raised in the cleanup,
+        # left the checkpoint's temporary file)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous, previous_int = signal.signal(signal.SIGTERM, terminate), signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:  # (None: a handler not installed from Python, left as it is)
+            signal.signal(signal.SIGINT, previous_int)
+
+
+@contextlib.contextmanager
+def terminated_after_cleanup():
+    """SIGTERM raises :class:`Terminated` while the block runs, so that what
+    it was writing is cleaned up (a checkpoint's temporary file), and then
+    ends the process by SIGTERM, as the default action would have: for a
+    process with no command line of its own to print (a ``--nproc``
+    worker, a torchrun process), whose parent reads how it ended."""
+    try:
+        with _terminate_as_interrupt():
+            yield
+    except Terminated:
+        _end_by("SIGTERM")
+        raise
 
 
 def _end_by(signal_name: str) -> None:

@@ -1096,17 +1096,22 @@ def _train(args):
 
 
 def _spawn_worker(rank: int, world: int, port: int, args) -> None:
+    from .cli import terminated_after_cleanup
+
     worker_environment(rank, world, port)
     args.nproc = 1  # (one process here; its checkpoints record the run's process count, dist.world)
-    try:
-        with _out_lock(args):
-            _, model = _train(args)
-        if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
-            torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
-            torch.save(torch.get_rng_state(), Path(args.rank_weights) / f"rank{rank}-rng.pt")
-        destroy(barrier=True)
-    finally:
-        destroy()
+    # (SIGTERM to the command's process group, a scheduler's stop: the default action killed the worker writing a
+    # checkpoint and left its temporary file; it now cleans up as for a Ctrl-C and then ends by SIGTERM)
+    with terminated_after_cleanup():
+        try:
+            with _out_lock(args):
+                _, model = _train(args)
+            if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
+                torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
+                torch.save(torch.get_rng_state(), Path(args.rank_weights) / f"rank{rank}-rng.pt")
+            destroy(barrier=True)
+        finally:
+            destroy()
     finish_process()  # (a spawned worker: nothing runs after it; see finish_process)
 
 
@@ -1775,9 +1780,13 @@ def main(args) -> int:
                 print(f"pointsparse train: error: process {error.error_index} of the {args.nproc} (pid "
                       f"{error.error_pid}) ended by {how}; torch stopped the others{again}", file=sys.stderr)
                 return 1
-            except KeyboardInterrupt:  # (a SIGINT to this process alone: its workers, left, trained on while it
-                if context is not None:  # waited for them at exit)
-                    _stop_workers(context.processes)
+            except KeyboardInterrupt as stop:  # (a SIGINT to this process alone: its workers, left, trained on
+                if context is not None:  # while it waited for them at exit)
+                    from .cli import Terminated
+
+                    # (SIGTERM here is a process group's, mostly: the workers have one too, and a SIGINT after it
+                    # cut their cleanup short; a second SIGTERM is ignored by a worker ending by one)
+                    _stop_workers(context.processes, terminate=isinstance(stop, Terminated))
                 raise
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():  # (the workers' report: the lines one process prints, as it prints them)
@@ -1800,16 +1809,16 @@ def main(args) -> int:
     return 0
 
 
-def _stop_workers(processes, grace: float = 10.0) -> None:
-    """The ``--nproc`` workers still running stopped: SIGINT first (each ends
-    as a Ctrl-C ends it, its checkpoints atomic), then, after ``grace``
-    seconds, SIGKILL."""
+def _stop_workers(processes, grace: float = 10.0, terminate: bool = False) -> None:
+    """The ``--nproc`` workers still running stopped: SIGINT first (SIGTERM
+    where ``terminate``; each ends as a Ctrl-C ends it, its checkpoints
+    atomic), then, after ``grace`` seconds, SIGKILL."""
     import signal
 
     for process in processes:
         if process.is_alive() and process.pid is not None:
             try:
-                os.kill(process.pid, signal.SIGINT)
+                os.kill(process.pid, signal.SIGTERM if terminate else signal.SIGINT)
             except OSError:  # (ended meanwhile)
                 pass
     deadline = time.monotonic() + grace
@@ -1842,9 +1851,12 @@ def _worker_error(error) -> Exception | None:
 
 
 def _cli(argv=None) -> int:
+    from .cli import terminated_after_cleanup
+
     parser = CommandParser(prog="python -m pointsparse.app.train", description=__doc__.strip().splitlines()[0])
     add_arguments(parser)
-    return main(parser.parse_args(argv))
+    with terminated_after_cleanup():  # (torchrun's agent stops its processes by SIGTERM)
+        return main(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
