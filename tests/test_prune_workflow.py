@@ -37,13 +37,24 @@ def ps_report(model, reference) -> float:
 def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     dense, small = tmp_path / "dense", tmp_path / "small"
     assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    capsys.readouterr()
     assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
                      "--criterion", "bn", "--multiple", "4", "--out", str(small)]) == 0
+    said = capsys.readouterr().out
     state = checkpoint.load(small / "checkpoint.pt")
     widths = state["config"]["widths"]
     assert widths["stem.0.0"]["out"] == 4 and widths["classifier.fn"]["in"] == 12  # 8 of 8, 24 of 24 halved
     model, full = load_model(small / "checkpoint.pt"), load_model(dense / "checkpoint.pt")
     assert G.widths(model) == widths
+    # the cut's FLOPs on its example cloud, as sparsity_report counts them (it printed stored values alone)
+    from pointsparse.app.scoring import _model_inputs, point_level
+    from pointsparse.app.tasks import checkpoint_batches
+    from pointsparse.prune.report import sparsity_report
+    example = _model_inputs(checkpoint_batches(checkpoint.load(dense / "checkpoint.pt"), None, None)[0],
+                            point_level(full))
+    want = [sparsity_report(m, example)["total"]["flops"] for m in (full, model)]
+    assert f"{want[0] / 1e9:.3g} -> {want[1] / 1e9:.3g} GFLOPs on the example cloud ({want[1] / want[0]:.2f})" \
+        in said, said
     n_small, n_full = (sum(p.numel() for p in m.parameters()) for m in (model, full))
     assert n_small < 0.35 * n_full
     assert cli.main(["eval", "--checkpoint", str(small / "checkpoint.pt"), "--no-progress"]) == 0

@@ -163,13 +163,16 @@ def save_pruned(state: dict, model, out) -> Path:
 
 
 def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, criterion: str = "l1",
-                     scope: str = "group", multiple: int | None = None, skip_nonfinite: bool = False) -> Path:
+                     scope: str = "group", multiple: int | None = None, skip_nonfinite: bool = False,
+                     flops: list | None = None) -> Path:
     """Write ``out/checkpoint.pt``: the checkpoint's model with ``ratio`` of
     every coupled channel group kept (ranked by ``criterion``), the widths in
     ``config["widths"]``, a fresh optimizer state for the smaller model and
     the run's epoch, schedule and history (``skip_nonfinite``: the finite
     points of ``data``'s clouds, :func:`.tasks.checkpoint_batches`).
-    Returns its path."""
+    Returns its path. ``flops`` (a list) receives the model's FLOPs on the
+    example cloud (``sparsity_report``'s total ``flops``: its nonzero
+    weights' products) before and after the cut."""
     from .evaluate import checkpoint_model
     from .tasks import checkpoint_batches
     from .scoring import _model_inputs, logits_of, point_level
@@ -191,8 +194,20 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
         return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)
 
     scores = channel_scores(criterion, model, loss_fn, [batch])
+    if flops is not None:
+        flops.append(_flops(model, example))
     prune_channels(model, example, ratio, scores, scope, multiple)
+    if flops is not None:
+        flops.append(_flops(model, example))
     return save_pruned(state, model, out)
+
+
+def _flops(model, example) -> int:
+    """``model``'s FLOPs on ``example`` (its nonzero weights' products, as
+    ``sparsity_report`` counts them), the model left in its mode."""
+    from ..prune import sparsity_report
+
+    return int(sparsity_report(model, example)["total"]["flops"])
 
 
 def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, rows: int | None = None,
@@ -597,11 +612,15 @@ def voxels_main(args) -> int:
 
 def main(args) -> int:
     _check_flags(args, "channels")
+    flops: list = []
     path = prune_checkpoint(args.checkpoint, args.out, args.ratio, args.data, args.label_map, args.criterion,
-                            args.scope, args.multiple, args.skip_nonfinite)
+                            args.scope, args.multiple, args.skip_nonfinite, flops)
     before = sum(t.numel() for t in load_state(args.checkpoint)["model"].values())
     after = sum(t.numel() for t in load_state(path)["model"].values())
-    print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f})")
+    # (Torch-Pruning's users read a cut's MACs: the stored values alone do not tell the work, which a conv's
+    # pairs weigh)
+    print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f}); "
+          f"{flops[0] / 1e9:.3g} -> {flops[1] / 1e9:.3g} GFLOPs on the example cloud ({flops[1] / flops[0]:.2f})")
     if args.finetune_epochs > 0:
         return finetune(path, args.finetune_epochs, not args.no_progress)
     return 0
