@@ -85,14 +85,11 @@ def test_the_fuzz_families_the_readme_names_are_fuzz_cases_families():
 
 def test_the_tensors_backends_kernel_maps_and_layers_snippets_run_in_turn():
     """The README's snippets of its Tensors and voxels, Backends, Kernel maps
-    and Layers sections, run one after another on a small cloud as a reader
-    would (``coords`` and ``o`` are the names the kernel-map snippet leaves
-    to the reader)."""
-    from pointsparse import nn
-
+    and Layers sections, run one after another as a reader would, with
+    nothing but the Ten lines' imports given: each makes the names it uses
+    (they used ``points``, ``conv``, ``coords`` and ``o`` made nowhere)."""
     torch.manual_seed(0)
-    scope = {"torch": torch, "ps": ps, "nn": nn, "points": torch.rand(5000, 3) * 5,
-             "conv": nn.Conv3d(3, 32, kernel_size=3)}
+    scope = {"torch": torch, "ps": ps}
     try:
         exec(compile(python_block("### Tensors and voxels"), "README.md: Tensors", "exec"), scope)  # noqa: S102
         x = scope["x"]
@@ -101,7 +98,6 @@ def test_the_tensors_backends_kernel_maps_and_layers_snippets_run_in_turn():
         assert ps.get_backend() == "core" and scope["y"].feats.shape == (x.coords.shape[0], 32)
     finally:
         ps.backend("auto")
-    scope.update(coords=x.coords, o=13)
     exec(compile(python_block("### Kernel maps"), "README.md: Kernel maps", "exec"), scope)  # noqa: S102
     assert torch.equal(scope["in_idx"], scope["out_idx"])  # the centre offset of a submanifold map
     assert torch.equal(scope["up"].out_coords, x.coords)
@@ -130,3 +126,30 @@ def test_the_dependency_graphs_ignore_example_names_layers_of_its_minkunet():
     keep = G.plan(graph, 0.5, ignore=names)
     left_out = {g.name for g in graph.groups} - set(keep)
     assert left_out and all(any(n == name or n.startswith(name + ".") for name in names) for n in left_out)
+
+
+def test_the_pruning_and_formats_snippets_run_in_turn():
+    """The Pruning section's first snippet and the Sparse formats one, run
+    one after another with the Ten lines' imports alone: they used
+    ``conv``, ``sparse_conv``, ``model``, ``x``, ``layer``, ``w`` and ``X``
+    made nowhere (a tutorial review's finding)."""
+    from pointsparse.nn.modules import Conv3d
+
+    torch.manual_seed(0)
+    scope = {"torch": torch, "ps": ps}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(python_block("### Pruning"), "README.md: Pruning", "exec"), scope)  # noqa: S102
+    assert "sparsity" in out.getvalue() and "flops" in out.getvalue().lower()
+    sparse_conv = scope["sparse_conv"]
+    assert isinstance(sparse_conv, Conv3d) and hasattr(sparse_conv, "weight_mask")
+    kept = sparse_conv.weight_mask.reshape(27, 4, 4, 32)  # (2:4 along C_in, then panels: every group of 4 keeps <= 2)
+    assert int(kept.sum(2).max()) <= 2
+    exec(compile(python_block("### Sparse formats"), "README.md: Sparse formats", "exec"), scope)  # noqa: S102
+    fast, x = scope["fast"], scope["x"]  # (the compressed copy of the 90% pruned conv: its engine weight's)
+    assert abs(float((fast.engine_weight == 0).float().mean()) - 0.9) < 0.01
+    reference = ps.nn.Conv3d(4, 32, 3)
+    with torch.no_grad():
+        reference.weight.copy_(fast.engine_weight)
+    assert torch.allclose(scope["y"].feats, reference(x).feats, atol=1e-5)
+    assert torch.allclose(scope["W"] @ scope["X"], scope["w"] @ scope["X"], atol=1e-5)
