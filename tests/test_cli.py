@@ -88,6 +88,23 @@ def test_demo_runs_and_prints_a_loss(runs):
     assert all(math.isfinite(v) for v in losses), out
 
 
+def test_closing_lines_name_the_run_folders_files_as_out_was_given(tmp_path, monkeypatch, capsys):
+    """The closing lines of train and demo named metrics.json under --out as
+    typed (``runs/demo/metrics.json``) and the pictures by metrics.json's
+    absolute paths (``/home/.../runs/demo/curves.png``): every file in the
+    run folder is named under --out as typed now, a file elsewhere as it is."""
+    from pointsparse.app import train
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    report = {"miou": 0.5, "pictures": {"curves": str(tmp_path / "runs" / "demo" / "curves.png"),
+                                        "elsewhere": str(tmp_path / "other.png")}}
+    train._print_report(report, "runs/demo")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["mIoU 50.0%  ->  runs/demo/metrics.json", "  curves: runs/demo/curves.png",
+                     f"  elsewhere: {tmp_path / 'other.png'}"], lines
+
+
 def test_demo_default_plan_is_fixed_and_a_seed_repeats_exactly(tmp_path):
     """The demo's default plan depends on nothing measured (no time budget,
     no time limit: a fixed epoch count), so two runs with one seed, in two

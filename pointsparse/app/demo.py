@@ -104,6 +104,6 @@ def main(args) -> int:
           f"{(time.perf_counter() - t0) / 60:.1f} min in all")
     print(f"report:   {out / 'metrics.json'}")
     for name, path in report["pictures"].items():
-        print(f"{name + ':':<9} {path}")
+        print(f"{name + ':':<9} {train.shown_in(path, out)}")
     print(f"model:    {out / 'checkpoint.pt'}  (pointsparse eval --checkpoint {out / 'checkpoint.pt'})")
     return 0

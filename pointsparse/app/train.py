@@ -1749,7 +1749,20 @@ def _print_report(report: dict, out) -> None:
     """The run's closing lines: its mIoU, its metrics.json and pictures."""
     print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(out) / 'metrics.json'}")
     for name, path in report["pictures"].items():
-        print(f"  {name}: {path}")
+        print(f"  {name}: {shown_in(path, out)}")
+
+
+def shown_in(path, out) -> Path:
+    """``path`` as a closing line names it: a file in the run folder under
+    ``out`` as given (metrics.json records absolute paths; the lines mixed
+    ``runs/demo/metrics.json`` with ``/home/.../runs/demo/curves.png``),
+    any other as it is."""
+    path = Path(path)
+    try:
+        inside = path.parent.resolve() == Path(out).resolve()
+    except OSError:  # (a path that cannot be resolved: named as it is)
+        inside = False
+    return Path(out) / path.name if inside else path
 
 
 def main(args) -> int:
