@@ -164,7 +164,8 @@ SKEW_SCRIPT = textwrap.dedent("""
         if rank == 0:  # rank 0's clock: each step 1000 s longer than rank 1's
             log = tr.TrainingJob.log_step
             tr.TrainingJob.log_step = lambda job, epoch, loss, seconds: log(job, epoch, loss, seconds + 1000)
-        REAL(rank, world, port, args)
+        if world > 1:
+            REAL(rank, world, port, args)
 
     if __name__ == "__main__":
         parser = cli.CommandParser()
@@ -288,9 +289,13 @@ SLOW_WRITE_SCRIPT = textwrap.dedent("""
                         time.sleep(0.1)
                 fsync(fd)
             os.fsync = slow
-        REAL(rank, world, port, args)
+        if world > 1:
+            REAL(rank, world, port, args)
 
     if __name__ == "__main__":
+        if os.environ.get("SLOW_WRITE_MODULE"):  # (python -m pointsparse.app.train, as torchrun starts each process)
+            worker(0, 1, 0, type("Args", (), {"out": sys.argv[sys.argv.index("--out") + 1]}))
+            sys.exit(tr._cli(sys.argv[1:]))
         tr._spawn_worker = worker
         sys.exit(cli.main(["train", *sys.argv[1:]]))  # (143 after SIGTERM's line: called with its words)
 """)
@@ -331,4 +336,34 @@ def test_a_sigterm_to_the_process_group_cleans_up_the_workers_checkpoint_write(t
     assert err.strip().endswith("pointsparse train: terminated (SIGTERM) (train --resume continues from its last "
                                 "checkpoint)"), err[-3000:]
     assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1  # (epoch 1's, whole)
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], sorted(p.name for p in out.iterdir())
+
+
+def test_a_sigterm_to_a_torchrun_style_process_cleans_up_its_checkpoint_write(tmp_path):
+    """``python -m pointsparse.app.train`` (each process torchrun starts;
+    its agent stops them by SIGTERM) had no SIGTERM handler: killed in a
+    checkpoint write, it left the temporary file. It cleans up and ends by
+    SIGTERM now."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1", SLOW_WRITE_MODULE="1")
+    script = tmp_path / "slow_write.py"
+    script.write_text(SLOW_WRITE_SCRIPT)
+    out = tmp_path / "run"
+    argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "3", *ARGS[ARGS.index("--epochs") + 2:]]
+    proc = subprocess.Popen([sys.executable, str(script), *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("WRITING"):
+                break
+        temporary = [p.name for p in out.iterdir() if ".tmp-" in p.name]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert temporary, "the write had not begun"  # (the test's own premise)
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], sorted(p.name for p in out.iterdir())
