@@ -858,3 +858,20 @@ def test_constructors_refuse_float8_values(fmt):
     parts[name] = parts[name].to(torch.float8_e4m3fn)
     with pytest.raises(TypeError, match=rf"{name} must be a floating .*float16, bfloat16, float32 or float64"):
         cls(**parts)
+
+
+def test_nnz_counts_from_the_stored_arrays_never_the_dense_matrix(monkeypatch):
+    """``nnz`` made the whole dense matrix to count it: a 20000 x 20000 COO
+    of 2 entries took 2.6 s and 1.6 GB (a formats review). It counts the
+    stored arrays now, with the same meaning: the nonzeros of the matrix
+    held (a stored explicit zero not counted; BSR's repeated blocks, which
+    its products sum, counted as their sum)."""
+    for cls in (F.COO, F.BSR):
+        monkeypatch.setattr(cls, "to_dense", lambda self: pytest.fail("nnz made the dense matrix"))
+    big = F.COO(torch.tensor([0, 19999]), torch.tensor([0, 19999]), torch.tensor([1.0, 0.0]), (20000, 20000))
+    assert big.nnz == 1
+    # two blocks stored at block (0, 0): [[1, 0], [0, 0]] + [[-1, 2], [0, 0]] = [[0, 2], [0, 0]]
+    twice = F.BSR(torch.tensor([0, 2]), torch.tensor([0, 0]),
+                  torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[-1.0, 2.0], [0.0, 0.0]]]), (2, 2))
+    assert twice.nnz == 1
+    assert F.CSR.from_dense(torch.zeros(0, 5)).nnz == 0 and F.CSC.from_dense(torch.zeros(3, 0)).nnz == 0

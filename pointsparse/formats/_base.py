@@ -12,7 +12,7 @@ import torch
 from .. import _ext
 from ..coords import check_has_data
 from ..tensor import FEATS_DTYPES, as_int
-from ._storage import array_nbytes
+from ._storage import array_nbytes, widen
 
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
 _STORED_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
@@ -340,8 +340,21 @@ class SparseFormat:
 
     @property
     def nnz(self) -> int:
-        """Nonzero values held (explicit zeros stored as padding not counted)."""
-        return int((self.to_dense() != 0).sum())
+        """The nonzeros of the matrix held: ``(to_dense() != 0).sum()``,
+        counted from the stored arrays (the dense matrix is never made: a
+        20000 x 20000 COO of 2 entries made its 1.6 GB). Explicit zeros
+        stored (a format's padding, an N:M group's unused places) are not
+        counted, unlike scipy's ``nnz`` and torch's ``_nnz()``, which count
+        stored entries; entries stored twice at one place (BSR's repeated
+        blocks, which its products sum) count once, as their sum."""
+        rows, cols, values = self._triplets()
+        held = values != 0
+        places = widen(rows)[held] * max(int(self.shape[1]), 1) + widen(cols)[held]
+        unique, inverse = torch.unique(places, return_inverse=True)
+        if len(unique) == len(places):  # (no place stored twice: every nonzero value is a nonzero of the matrix)
+            return len(places)
+        sums = torch.zeros(len(unique), dtype=values.dtype).index_add_(0, inverse, values[held])
+        return int((sums != 0).sum())
 
     # -- product ----------------------------------------------------------
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
