@@ -1698,3 +1698,29 @@ def test_compressed_linear_on_another_device_than_its_input_is_named():
     linear = F.compress(torch.nn.Linear(4, 2), "csr").to("meta")
     with pytest.raises(ValueError, match=r"SparseLinear: its weight is on meta but the input on cpu"):
         linear(torch.ones(3, 4))
+
+
+def test_a_torch_conv_is_refused_alone_and_named_where_a_model_holds_it():
+    """compress of a torch Conv1d/2d/3d returned the conv's copy, still
+    pruned, with no word (a formats review: torch.nn.Conv3d is easily taken
+    for pointsparse.nn.Conv3d). Alone it is a TypeError naming what
+    compress converts; in a model, a warning names the convs left dense;
+    a model with nothing to convert warns so."""
+    import warnings
+
+    import pointsparse.prune as prune
+    from pointsparse import formats
+
+    for conv in (torch.nn.Conv1d(4, 8, 3), torch.nn.Conv2d(4, 8, 3), torch.nn.Conv3d(4, 8, 3)):
+        prune.l1_unstructured(conv, "weight", 0.5)
+        with pytest.raises(TypeError, match=rf"torch.nn.{type(conv).__name__}, a dense conv .* pointsparse.nn.Conv3d"):
+            formats.compress(conv)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"left 1 torch conv layer of the model dense \(0\)"):
+        fast = formats.compress(model)
+    assert isinstance(fast[2], formats.SparseLinear)  # (the Linear is converted all the same)
+    with pytest.warns(UserWarning, match="found no torch.nn.Linear or pointsparse.nn.Conv3d in the Sequential"):
+        formats.compress(torch.nn.Sequential(torch.nn.ReLU()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a model of sparse convs: no word)
+        formats.compress(torch.nn.Sequential(psnn.Conv3d(4, 8, 3)))

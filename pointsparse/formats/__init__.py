@@ -118,6 +118,11 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
         return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    if isinstance(module, torch.nn.modules.conv._ConvNd):  # (it returned the conv's copy unchanged, silently)
+        raise TypeError(f"module is a torch.nn.{type(module).__name__}, a dense conv that compress does not convert: "
+                        f"it converts torch.nn.Linear and pointsparse.nn.Conv3d (a sparse network's conv), and "
+                        f"models holding them (FKW.from_module gives a dense conv's weight in a format, to "
+                        f"inspect)")
     _check_inference_mode(module)
     kept = _read_by_parent(module)
     for name, sub in module.named_modules():  # (before the copy and the example's run, which a refusal wastes)
@@ -136,6 +141,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     for layer, why in _read_by_parent(result).items():
         layer.chosen = f"dense (kept: {why})"
         done[id(layer)] = layer
+    dense_convs = [name for name, sub in result.named_modules() if isinstance(sub, torch.nn.modules.conv._ConvNd)]
     for name, sub in list(result.named_modules()):
         for child_name, child in list(sub._modules.items()):  # every name: named_children skips repeats
             if isinstance(child, layers):
@@ -148,7 +154,24 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                         raise type(error)(f"{qualified}: {error}") from error
                     done[id(child)]._compressed_from = qualified  # (named in errors torch gives no path for)
                 setattr(sub, child_name, done[id(child)])
+    _warn_left_dense(module, dense_convs, converted=bool(done))
     return result
+
+
+def _warn_left_dense(module, dense_convs: list, converted: bool) -> None:
+    """A UserWarning where compress left torch's dense convs of the model as
+    they were (named), or converted no layer at all: it returned the
+    model's copy, still pruned, and said nothing."""
+    import warnings
+
+    if dense_convs:
+        shown = ", ".join(dense_convs[:3]) + (", ..." if len(dense_convs) > 3 else "")
+        warnings.warn(f"compress left {len(dense_convs)} torch conv layer{'s' if len(dense_convs) > 1 else ''} of the "
+                      f"model dense ({shown}): it converts torch.nn.Linear and pointsparse.nn.Conv3d only",
+                      UserWarning, stacklevel=3)
+    elif not converted:
+        warnings.warn(f"compress found no torch.nn.Linear or pointsparse.nn.Conv3d in the {type(module).__name__}: "
+                      "the copy it returns is the model's, uncompressed", UserWarning, stacklevel=3)
 
 
 #: torch modules that compute with a child Linear's ``weight`` themselves, never calling the child: a
