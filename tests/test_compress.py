@@ -1724,3 +1724,46 @@ def test_a_torch_conv_is_refused_alone_and_named_where_a_model_holds_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (a model of sparse convs: no word)
         formats.compress(torch.nn.Sequential(psnn.Conv3d(4, 8, 3)))
+
+
+def test_a_format_assigned_to_a_compressed_layer_runs_on_every_execution():
+    """A compressed layer keeps a dense copy of its format's weight (the
+    dense / engine execution's): a format assigned after it was made ran in
+    the format's product only, and the copy was made anew from it at a
+    state_dict round trip, changing the outputs then (a formats review).
+    An assigned format is checked and the copy made anew at once."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 6)
+    prune.l1_unstructured(linear, "weight", 0.5)
+    fast = F.compress(linear, "csr")
+    x = torch.randn(5, 8)
+    doubled = F.CSR.from_dense(2 * fast.weight_format.to_dense())
+    fast.weight_format = doubled
+    want = x @ doubled.to_dense().T + fast.bias
+    for execution in ("dense", "format"):
+        fast.execution = execution
+        assert torch.allclose(fast(x), want, atol=1e-5), execution
+    with pytest.raises(ValueError, match=r"weight_format has shape \(6, 7\)"):
+        fast.weight_format = F.CSR.from_dense(torch.ones(6, 7))
+    with pytest.raises(TypeError, match="weight_format has dtype torch.float64"):
+        fast.weight_format = F.CSR.from_dense(torch.ones(6, 8, dtype=torch.float64))
+    assert fast.weight_format is doubled
+
+    conv = psnn.Conv3d(4, 8, 3)
+    prune.l1_unstructured(conv, "weight", 0.7)
+    coords = torch.unique(torch.randint(0, 6, (150, 3)), dim=0)
+    inp = pointsparse.SparseTensor(torch.randn(len(coords), 4),
+                                   torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int())
+    compressed = F.compress(conv, "csr")
+    compressed.offsets = [F.CSR.from_dense(2 * f.to_dense()) for f in compressed.offsets]
+    reference = psnn.Conv3d(4, 8, 3)
+    with torch.no_grad():
+        reference.weight.copy_(2 * conv.weight)
+    for execution in ("engine", "format"):
+        compressed.execution = execution
+        assert torch.allclose(compressed(inp).feats, reference(inp).feats, atol=1e-5), execution
+    with pytest.raises(ValueError):
+        compressed.offsets = compressed.offsets[:-1]
+    copy = F.compress(conv, "csr")
+    copy.load_state_dict(compressed.state_dict())  # (the round trip gives what the conv ran)
+    assert torch.allclose(copy(inp).feats, compressed(inp).feats, atol=1e-6)

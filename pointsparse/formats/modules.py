@@ -198,7 +198,9 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
     torch's Linear on this kind of CPU); ``chosen`` says what it measured.
     The format, the execution and the choice are saved in ``state_dict``
     (extra state; a state saved before the execution was kept runs the
-    format, as it did then)."""
+    format, as it did then). The format is the weight as a value: assign
+    another (``layer.weight_format = CSR.from_dense(w)``, checked) to change
+    it; an edit of its arrays in place reaches the format's product only."""
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, execution: str = "format") -> None:
         super().__init__()
@@ -211,6 +213,27 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
         self.chosen = execution  # compress() records what it measured here
         self.register_buffer("bias", _bias_copy(bias, self.out_features, "out_features", self.weight_format.dtype))
         self.register_buffer("dense_weight", self.weight_format.to_dense(), persistent=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        """``weight_format`` assigned (a format edited and put back, another
+        format of the weight): checked as the layer's weight (its shape and
+        dtype) and its dense weight made anew from it, so that both
+        executions run it (the dense one ran the weight the layer was made
+        with, and a state_dict round trip then changed the outputs)."""
+        if name == "weight_format" and "dense_weight" in self._buffers:
+            what = f"{type(self).__name__}: weight_format"
+            fmt = checked_format(value, what)
+            if tuple(fmt.shape) != (self.out_features, self.in_features):
+                raise ValueError(f"{what} has shape {tuple(fmt.shape)}; this layer's weight is (out_features, "
+                                 f"in_features) = ({self.out_features}, {self.in_features})")
+            if fmt.dtype != self.weight_format.dtype:
+                raise TypeError(f"{what} has dtype {fmt.dtype}; this layer's is {self.weight_format.dtype} "
+                                f"(convert the layer: .to({fmt.dtype}))")
+            dense = self.dense_weight
+            self.__dict__["weight_format"] = fmt
+            self.dense_weight = fmt.to_dense().to(dense.device, dense.dtype)
+            return
+        super().__setattr__(name, value)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() < 1 or \
@@ -267,7 +290,8 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
         ValueError or TypeError and leaves the module as it was (in
         ``load_state_dict`` its bias too: checked before torch copies it)."""
         (fmt, execution, chosen), device = checked_extra_state(self, state, self.dense_weight)
-        self.weight_format, self.execution, self.chosen = fmt, execution, chosen
+        self.__dict__["weight_format"] = fmt  # (its dense weight set below: not __setattr__'s)
+        self.execution, self.chosen = execution, chosen
         self.dense_weight = fmt.to_dense().to(device, self.dense_weight.dtype)
 
     def _checked_state(self, state) -> tuple:
@@ -304,7 +328,7 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
     def _apply(self, fn, *args, **kwargs):
         dtype = converted_dtype(fn, self.weight_format.dtype, layer_name(self))
         result = super()._apply(fn, *args, **kwargs)
-        self.weight_format = self.weight_format._with_dtype(dtype)
+        self.__dict__["weight_format"] = self.weight_format._with_dtype(dtype)  # (dense_weight converted above)
         return result
 
     def train(self, mode: bool = True):
@@ -499,7 +523,10 @@ class SparseConv3d(SparseBackwardHooks, _HoldsNoWeight, nn.Module):
     engine's cost count the region only, as the source conv's do). The
     formats, the choice and the region are saved in ``state_dict`` (extra
     state); ``.to(dtype)`` converts the formats' values as it does the bias.
-    Full backward hooks see its feats' gradients, as a ``Conv3d``'s do."""
+    Full backward hooks see its feats' gradients, as a ``Conv3d``'s do.
+    The formats are the weight as a value: assign others (``conv.offsets =
+    [...]``, checked) to change it; an edit of their arrays in place
+    reaches the formats' product only, not the engine's weight."""
 
     def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
                  out_channels, bias=None, execution: str = "format", relu: bool = False,
@@ -539,6 +566,28 @@ class SparseConv3d(SparseBackwardHooks, _HoldsNoWeight, nn.Module):
     def __setstate__(self, state) -> None:  # (unpickled, deep-copied: its format product outside graphs first)
         run_outside_graphs(SparseConv3d, "_format_forward")
         super().__setstate__(state)
+
+    def __setattr__(self, name: str, value) -> None:
+        """``offsets`` assigned (formats edited and put back, other formats
+        of the weight): checked as the conv's weight (count, shapes, one
+        dtype, the conv's; nothing outside its ``kernel_region``) and its
+        engine weight made anew from them, so that the engine and the
+        formats run them alike (the engine ran the weight the conv was
+        made with)."""
+        if name == "offsets" and "engine_weight" in self._buffers:
+            what = f"{type(self).__name__}: offsets:"
+            offsets = self._checked_offsets(value, what)
+            dtype = offsets.dtype if isinstance(offsets, FKW) else offsets[0].dtype
+            if dtype != self.format_dtype:
+                raise TypeError(f"{what} their dtype is {dtype}; this conv's is {self.format_dtype} (convert the "
+                                f"conv: .to({dtype}))")
+            weight = dense_weight(offsets)
+            self._checked_region(self.kernel_region, weight, what)
+            engine = self.engine_weight
+            self.__dict__["offsets"] = offsets
+            self.engine_weight = weight.to(engine.device, engine.dtype)
+            return
+        super().__setattr__(name, value)
 
     def get_extra_state(self):
         offsets = format_data(self.offsets) if isinstance(self.offsets, FKW) else \
@@ -585,7 +634,8 @@ class SparseConv3d(SparseBackwardHooks, _HoldsNoWeight, nn.Module):
         leaves the conv as it was (in ``load_state_dict`` its bias too:
         checked before torch copies it)."""
         (offsets, execution, chosen, region, weight), device = checked_extra_state(self, state, self.engine_weight)
-        self.offsets, self.execution, self.chosen = offsets, execution, chosen
+        self.__dict__["offsets"] = offsets  # (its engine weight set below: not __setattr__'s)
+        self.execution, self.chosen = execution, chosen
         self.kernel_region = region
         self.engine_weight = weight.to(device, self.engine_weight.dtype)
 
@@ -646,8 +696,8 @@ class SparseConv3d(SparseBackwardHooks, _HoldsNoWeight, nn.Module):
     def _apply(self, fn, *args, **kwargs):
         dtype = converted_dtype(fn, self.format_dtype, layer_name(self))
         result = super()._apply(fn, *args, **kwargs)  # (the bias and engine_weight, as the formats below)
-        self.offsets = self.offsets._with_dtype(dtype) if isinstance(self.offsets, FKW) else \
-            [f._with_dtype(dtype) for f in self.offsets]
+        self.__dict__["offsets"] = self.offsets._with_dtype(dtype) if isinstance(self.offsets, FKW) else \
+            [f._with_dtype(dtype) for f in self.offsets]  # (engine_weight converted above)
         return result
 
     def forward(self, input: SparseTensor, add: SparseTensor | None = None) -> SparseTensor:
