@@ -511,7 +511,10 @@ def _build_torch(coords, out_coords, offsets, submanifold):
     # (each bounds once: a host read, a sync on a GPU)
     box = _coords.bounds(coords)
     out_box = box if out_coords is coords else _coords.bounds(out_coords)
-    layout = _coords.KeyLayout.of_bounds(box, out_box, margin=_reach(offsets))
+    try:
+        layout = _coords.KeyLayout.of_bounds(box, out_box, margin=_reach(offsets))
+    except ValueError as exc:
+        raise ValueError(_outputs_named(str(exc), out_coords is not coords)) from None
     in_sorted, in_perm = _sorted_unique_keys(coords, layout)
     return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold), layout,
                         out_box)
@@ -522,8 +525,19 @@ def _build_core(fn, coords, out_coords, offsets, submanifold):
     try:
         in_idx, out_idx, sizes = _ext.call(fn, _ext.to_numpy(coords), out, _ext.to_numpy(offsets))
     except ValueError as exc:
-        raise ValueError(str(exc).replace("in_coords", "coords")) from None
+        raise ValueError(_outputs_named(str(exc).replace("in_coords", "coords"), out is not None)) from None
     return _ext.to_tensor(in_idx), _ext.to_tensor(out_idx), _ext.to_tensor(sizes)
+
+
+def _outputs_named(message: str, other_outputs: bool) -> str:
+    """A key layout's refusal (``... bits in all``) of a map whose outputs
+    are other coords (a strided map's: its inputs floored to the stride),
+    saying that the spans it names are of both: a z span of [0, 1] named
+    for inputs whose z were all 1 read as a wrong span."""
+    if other_outputs and "bits in all" in message:
+        return (f"{message} (the spans are of the map's input coords and its output coords together, which one "
+                "key layout packs: a strided map's outputs are its inputs floored to the stride)")
+    return message
 
 
 def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stride=1, method: str | None = None,

@@ -1473,3 +1473,14 @@ def test_a_kernel_map_to_what_is_no_device_is_named(device, error):
     with pytest.raises(error, match="device must be a torch.device or a device name"):
         kmap.to(device)
     assert kmap.to("cpu").num_pairs == kmap.num_pairs
+
+
+@pytest.mark.parametrize("method", ["mergesort", "hash", "torch"])
+def test_a_strided_maps_key_refusal_says_its_spans_hold_the_outputs_too(method):
+    """Inputs whose own spans fit the 63 key bits (x all of int32, y 31
+    bits, z all 1) and whose floored outputs (z 0) do not fit with them: the
+    refusal named a z span of [0, 1] for inputs whose z were all 1 (a
+    kernel-map review). It says the spans are of inputs and outputs."""
+    coords = torch.tensor([[0, -2**31, 0, 1], [0, 2**31 - 1, 2**31 - 1, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"z \[0, 1\] .*input coords and its output coords together"):
+        km.build(coords, kernel_size=2, stride=2, method=method)
