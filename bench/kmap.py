@@ -180,6 +180,10 @@ def write_results(rows, maps, args, have_spconv) -> None:
                      f"{r[best_m][5] * 1e3:.2f} ms vs torch reference {r['torch reference'][5] * 1e3:.2f} ms: "
                      f"{r['torch reference'][5] / r[best_m][5]:.1f}x (target >= 6x); mergesort "
                      f"{r['mergesort'][5] * 1e3:.2f} ms, hash {r['hash'][5] * 1e3:.2f} ms.")
+        if (args.repeats or (3 if args.quick else 7)) < 7:  # (a review: 2 of 6 quick runs read "4.2x")
+            notes.append("- These are medians of fewer than 7 builds: a check that the script runs, no verdict on "
+                         "the target (a 2-thread build that meets a slow spell, bench/RESULTS.md stop 51, moves "
+                         "a median of 3 by 3x); give `--repeats 7` or more for one.")
     s100 = [r for r in rows if r[0] == "street 100k" and r[2] == "subm k3"]
     if s100:
         r = {x[4]: x for x in s100}
