@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from pointsparse import checkpoint
@@ -219,6 +220,31 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _signalled(argv, env, marker: str, act, stuck: str):
+    """``(exit status, stderr, act's result)`` of ``argv`` run in a session
+    of its own, ``act(proc)`` called once a stdout line starts with
+    ``marker``; an AssertionError saying ``stuck`` where it has not ended
+    60 s after (its process group killed)."""
+    import signal
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(marker):
+                break
+        seen = act(proc)
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(stuck) from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err, seen
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -237,32 +263,22 @@ def test_a_sigint_to_the_parent_alone_stops_its_workers(tmp_path):
     import signal
 
     if not Path("/proc/self/stat").is_file():
-        import pytest
-
         pytest.skip("reads the processes' parents from /proc")
     # (POINTSPARSE_TRACEBACK=1: the interrupt goes up through Python's own exit, which joins the workers; the
     # command's one-line end kills the process at once, and torch's spawn ends workers whose parent died)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1", POINTSPARSE_TRACEBACK="1")
     argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "10000", *ARGS[ARGS.index("--epochs") + 2:]]
-    proc = subprocess.Popen([sys.executable, "-m", "pointsparse", "train", *argv, "--nproc", "2", "--out",
-                             str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("epoch 2/"):
-                break
+
+    def interrupt(proc):
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGINT)  # (the parent alone: its own session, no terminal)
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("the parent waited on workers that trained on") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGINT
+        return workers
+
+    status, _, workers = _signalled([sys.executable, "-m", "pointsparse", "train", *argv, "--nproc", "2", "--out",
+                                     str(tmp_path / "run")], env, "epoch 2/", interrupt,
+                                    "the parent waited on workers that trained on")
+    assert status == -signal.SIGINT
     assert len(workers) == 2, workers
     import time
 
@@ -301,69 +317,40 @@ SLOW_WRITE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_sigterm_to_the_process_group_cleans_up_the_workers_checkpoint_write(tmp_path):
+@pytest.mark.parametrize("how", ["nproc", "torchrun"])
+def test_a_sigterm_cleans_up_a_checkpoint_write(tmp_path, how):
     """A scheduler's stop signals every process of the job: ``kill -TERM``
     of ``train --nproc 2``'s process group. The workers had no handler, so
     rank 0, killed by SIGTERM's default action in a checkpoint write, left
-    its temporary file (up to hundreds of MB) in the run folder. A worker
-    now cleans up as for a Ctrl-C and then ends by SIGTERM."""
+    its temporary file (up to hundreds of MB) in the run folder; so did
+    ``python -m pointsparse.app.train`` (each process torchrun starts, whose
+    agent stops them by SIGTERM). Each cleans up as for a Ctrl-C now and
+    then ends by SIGTERM (the command: after its line, 143 in-process)."""
     import signal
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", SLOW_WRITE_MODULE="1" if how == "torchrun" else "")
     script = tmp_path / "slow_write.py"
     script.write_text(SLOW_WRITE_SCRIPT)
     out = tmp_path / "run"
-    argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "3", *ARGS[ARGS.index("--epochs") + 2:]]
-    proc = subprocess.Popen([sys.executable, str(script), *argv, "--nproc", "2", "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("WRITING"):
-                break
+    argv = [sys.executable, str(script), *ARGS[:ARGS.index("--epochs")], "--epochs", "3",
+            *ARGS[ARGS.index("--epochs") + 2:], *(["--nproc", "2"] if how == "nproc" else []), "--out", str(out)]
+
+    def terminate(proc):
         temporary = [p.name for p in out.iterdir() if ".tmp-" in p.name]
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("the job did not end after SIGTERM") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if how == "nproc":
+            os.killpg(proc.pid, signal.SIGTERM)  # (the whole group: the parent and its workers)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        return temporary
+
+    status, err, temporary = _signalled(argv, env, "WRITING", terminate, "it did not end after SIGTERM")
     assert temporary, "the write had not begun"  # (the test's own premise)
-    assert proc.returncode == 143, err[-3000:]
-    assert err.strip().endswith("pointsparse train: terminated (SIGTERM) (train --resume continues from its last "
-                                "checkpoint)"), err[-3000:]
+    if how == "nproc":
+        assert status == 143, err[-3000:]
+        assert err.strip().endswith("pointsparse train: terminated (SIGTERM) (train --resume continues from its "
+                                    "last checkpoint)"), err[-3000:]
+    else:
+        assert status == -signal.SIGTERM, err[-3000:]
     assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1  # (epoch 1's, whole)
-    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], sorted(p.name for p in out.iterdir())
-
-
-def test_a_sigterm_to_a_torchrun_style_process_cleans_up_its_checkpoint_write(tmp_path):
-    """``python -m pointsparse.app.train`` (each process torchrun starts;
-    its agent stops them by SIGTERM) had no SIGTERM handler: killed in a
-    checkpoint write, it left the temporary file. It cleans up and ends by
-    SIGTERM now."""
-    import signal
-
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1", SLOW_WRITE_MODULE="1")
-    script = tmp_path / "slow_write.py"
-    script.write_text(SLOW_WRITE_SCRIPT)
-    out = tmp_path / "run"
-    argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "3", *ARGS[ARGS.index("--epochs") + 2:]]
-    proc = subprocess.Popen([sys.executable, str(script), *argv, "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("WRITING"):
-                break
-        temporary = [p.name for p in out.iterdir() if ".tmp-" in p.name]
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert temporary, "the write had not begun"  # (the test's own premise)
-    assert proc.returncode == -signal.SIGTERM, err[-3000:]
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], sorted(p.name for p in out.iterdir())

@@ -221,14 +221,7 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
         executions run it (the dense one ran the weight the layer was made
         with, and a state_dict round trip then changed the outputs)."""
         if name == "weight_format" and "dense_weight" in self._buffers:
-            what = f"{type(self).__name__}: weight_format"
-            fmt = checked_format(value, what)
-            if tuple(fmt.shape) != (self.out_features, self.in_features):
-                raise ValueError(f"{what} has shape {tuple(fmt.shape)}; this layer's weight is (out_features, "
-                                 f"in_features) = ({self.out_features}, {self.in_features})")
-            if fmt.dtype != self.weight_format.dtype:
-                raise TypeError(f"{what} has dtype {fmt.dtype}; this layer's is {self.weight_format.dtype} "
-                                f"(convert the layer: .to({fmt.dtype}))")
+            fmt = self._checked_weight(value, f"{type(self).__name__}: weight_format")
             dense = self.dense_weight
             self.__dict__["weight_format"] = fmt
             self.dense_weight = fmt.to_dense().to(dense.device, dense.dtype)
@@ -301,14 +294,8 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
         if not isinstance(state, dict) or "weight_format" not in state:
             raise ValueError(f"{name}: _extra_state must be the dict get_extra_state gives (weight_format); got "
                              f"{type(state).__name__}")
-        fmt = checked_format(format_of_data(state["weight_format"], f"{name}: _extra_state's weight_format"),
-                             f"{name}: _extra_state's weight_format")
-        if tuple(fmt.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"{name}: _extra_state's weight_format has shape {tuple(fmt.shape)}; this layer's "
-                             f"weight is (out_features, in_features) = ({self.out_features}, {self.in_features})")
-        if fmt.dtype != self.weight_format.dtype:
-            raise TypeError(f"{name}: _extra_state's weight_format has dtype {fmt.dtype}; this layer's is "
-                            f"{self.weight_format.dtype} (convert the layer first: .to({fmt.dtype}))")
+        what = f"{name}: _extra_state's weight_format"
+        fmt = self._checked_weight(format_of_data(state["weight_format"], what), what)
         # (a state saved before the execution was kept ran the format)
         execution, chosen = state.get("execution", "format"), state.get("chosen", "format")
         if execution not in LINEAR_EXECUTIONS:
@@ -317,6 +304,19 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
         if not isinstance(chosen, str):
             raise TypeError(f"{name}: _extra_state's chosen must be a str; got {type(chosen).__name__}")
         return fmt, execution, chosen
+
+    def _checked_weight(self, fmt, what: str) -> SparseFormat:
+        """``fmt`` where it is a format of this layer's weight (its shape
+        (out_features, in_features), its dtype), else the ValueError /
+        TypeError starting with ``what``."""
+        fmt = checked_format(fmt, what)
+        if tuple(fmt.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{what} has shape {tuple(fmt.shape)}; this layer's weight is (out_features, "
+                             f"in_features) = ({self.out_features}, {self.in_features})")
+        if fmt.dtype != self.weight_format.dtype:
+            raise TypeError(f"{what} has dtype {fmt.dtype}; this layer's is {self.weight_format.dtype} (convert "
+                            f"the layer first: .to({fmt.dtype}))")
+        return fmt
 
     def __setstate__(self, state) -> None:
         run_outside_graphs(SparseLinear, "_product")
