@@ -89,12 +89,13 @@ def test_spvcnn_points_must_lie_in_their_voxels(spvcnn_case, units):
         assert m(v, inv, edge, batch).shape == (300, 3)
 
 
-@pytest.mark.parametrize("dtype, far", [(dtype, far) for dtype in (torch.float32, torch.float64)
-                                        for far in (0, 2**24 - 2, 2**26, -(2**31) + 3, 2**31 - 128)])
+@pytest.mark.parametrize("dtype, far", [(torch.float32, far) for far in (0, 2**21 - 8, -(2**21) + 3)] +
+                         [(torch.float64, far) for far in (0, 2**24 - 2, 2**26, -(2**31) + 3, 2**31 - 128)])
 def test_spvcnn_points_lie_within_two_voxels_of_theirs_exactly(dtype, far):
     """check_points takes a point within 2 voxel edges of its voxel's coords on every axis and refuses one
-    further, exactly, at every coordinate int32 voxels reach: past 2**24 float32 does not hold every voxel
-    coordinate (a check in float32 would read c + 3 as c)."""
+    further, exactly, at every coordinate int32 voxels reach (float64 points; float32 ones up to 2**21 voxel
+    units away, below): past 2**24 float32 does not hold every voxel coordinate (a check in float32 would read
+    c + 3 as c)."""
     from pointsparse.models.spvcnn import check_points
 
     base = torch.tensor([float(far), 0.0, -3.0], dtype=torch.float64).to(dtype)  # a point `dtype` holds
@@ -116,6 +117,27 @@ def test_spvcnn_points_lie_within_two_voxels_of_theirs_exactly(dtype, far):
     past = torch.nextafter(torch.tensor([7.0, 5, 5], dtype=dtype), torch.tensor(8.0, dtype=dtype))
     with pytest.raises(ValueError, match="lies outside its voxel"):
         check_points(voxels, zero, past[None], zero)
+
+
+def test_spvcnn_refuses_float32_points_past_a_quarter_voxels_precision():
+    """A street at UTM coordinates voxelised at 0.2 m (3.4e7 voxel units),
+    its points given as float32: each point up to 2 voxels off, within the
+    check's margin, and 8% of the points changed class (an SPVCNN review).
+    float32 points whose voxels reach past 2**21 units (where float32 holds
+    a position to a quarter voxel) are a ValueError saying what to give;
+    the same points in float64 are taken."""
+    from pointsparse.models.spvcnn import FLOAT32_POINTS_REACH, check_points
+
+    zero = torch.zeros(1, dtype=torch.long)
+    for far, spacing in ((FLOAT32_POINTS_REACH, "0.25"), (34_300_242, "4")):
+        voxels = ps.SparseTensor(torch.zeros(1, 1), torch.tensor([[0, far, 5, 5]], dtype=torch.int32))
+        point = torch.tensor([[far + 0.5, 5.5, 5.5]], dtype=torch.float64)
+        with pytest.raises(ValueError, match=rf"points are float32 and their voxels reach {far + 1} voxel units .* "
+                                             rf"only to {spacing} voxel .* as float64, or take the origin near"):
+            check_points(voxels, zero, point.float(), zero)
+        assert check_points(voxels, zero, point, zero).tolist() == [[0, far, 5, 5]]
+    near = ps.SparseTensor(torch.zeros(1, 1), torch.tensor([[0, FLOAT32_POINTS_REACH - 1, 5, 5]], dtype=torch.int32))
+    check_points(near, zero, torch.tensor([[FLOAT32_POINTS_REACH - 0.5, 5.5, 5.5]]), zero)  # (just within)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

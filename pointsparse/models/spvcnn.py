@@ -1,9 +1,14 @@
 """SPVCNN-style point-voxel network: MinkUNet's voxel encoder-decoder plus a
 point branch. Point features are read from the voxels by trilinear
-devoxelisation at three depths (after the stem, the bottleneck and the second
-decoder stage), refined by per-point MLPs that skip the voxel path, and
-averaged back into the voxels (``point_to_voxel``); the classifier runs on
-points, so two points of one voxel can get different classes."""
+devoxelisation four times (after the stem, at the bottleneck, after the
+second decoder stage and at the end: voxel strides 1, 16, 4 and 1), refined
+by per-point MLPs that skip the voxel path, and averaged back into the
+voxels (``point_to_voxel``) after the bottleneck and the second decoder
+stage; the classifier runs on points, so two points of one voxel can get
+different classes. Not weight-compatible with SPVNAS's SPVCNN (TorchSparse),
+whose first stage runs on the stem's point features voxelised again and whose
+trilinear reads anchor a voxel's value at its lower corner (ours: its
+centre)."""
 
 from __future__ import annotations
 
@@ -109,13 +114,28 @@ def _point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch
 _FLOAT32_EXACT = 2**24
 
 
+#: The farthest voxel coordinate (in voxel units from the origin) at which float32 points are taken: float32
+#: holds a position there to a quarter of a voxel. Past it, points of a scan in UTM coordinates lay up to 2 voxels
+#: off, within the check's margin, and 8% of a street's points changed class (a review of stop 77).
+FLOAT32_POINTS_REACH = 2**21
+
+
 def _away(points: torch.Tensor, point_coords: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``(N, 3)``: whether each point lies more than 2 voxel edges from its
     voxel's ``point_coords`` on each axis (NaN: true). Compared exactly, with no copy of
     the points: against the bounds ``point_coords - 2`` and ``+ 2``, made in
     float32 where it holds them (every voxel's coords, ``coords``, within
-    ``2**24 - 2``), else in float64, the points widened inside the comparison."""
+    ``2**24 - 2``), else in float64, the points widened inside the comparison.
+    float32 points whose voxels reach past :data:`FLOAT32_POINTS_REACH` are
+    a ValueError saying what to give."""
     low, high = torch.aminmax(coords)
+    reach = max(-int(low), int(high) + 1)
+    if points.dtype == torch.float32 and reach > FLOAT32_POINTS_REACH:
+        spacing = 2.0 ** (reach.bit_length() - 24)  # (float32's spacing at the farthest coordinate, in voxels)
+        raise ValueError(f"points are float32 and their voxels reach {reach} voxel units from the origin, where "
+                         f"float32 holds a position only to {spacing:g} voxel (past {FLOAT32_POINTS_REACH}, a "
+                         "quarter): give the points as float64, or take the origin near the cloud (subtract the "
+                         "coords' minimum from the coords, and from the points in voxel units)")
     wide = points.dtype == torch.float64 or max(-int(low), int(high)) > _FLOAT32_EXACT - 2
     edges = point_coords.to(torch.float64 if wide else torch.float32)
     return ~((points >= edges - 2) & (points <= edges + 2))  # (NaN: away)
