@@ -429,3 +429,18 @@ def test_a_schedule_recorded_on_the_cpu_builds_a_cuda_inputs_maps():
         want = net(ps.SparseTensor(x.feats.cuda(), x.coords.cuda())).feats
     assert set(y.cache.kmaps) == set(ahead.schedule.maps) and not y.cache.plans
     torch.testing.assert_close(got, want)
+
+
+def test_map_schedule_takes_spvcnns_arguments_as_one_tuple():
+    """``map_schedule(spvcnn, (voxels, inverse, points, point_batch))`` was
+    a TypeError ("example must be a SparseTensor; got tuple") where
+    export_model, DependencyGraph and sparsity_report take the tuple (an
+    SPVCNN review): it gives the schedule of the arguments unpacked."""
+    from pointsparse import data
+    from pointsparse.models import SPVCNN
+
+    batch = data.Batch.of([data.voxelize_sample(data.outdoor_scene(70, beams=16, azimuth_steps=256), 0.2, 255)])
+    args = (batch.input, batch.inverse, batch.points, batch.point_batch)
+    model = SPVCNN(7, 9, cr=0.25).eval()
+    packed, unpacked = spnn.map_schedule(model, args), spnn.map_schedule(model, *args)
+    assert packed == unpacked and packed.maps

@@ -87,9 +87,14 @@ def map_schedule(model: torch.nn.Module, example: SparseTensor, *args, **kwargs)
     far, found there, not built again; the example's cache is left as it
     is), noting what it asks for. Only that cache is followed: the maps a layer
     builds on coords of its own (``VoxelPrune`` makes a cache for the voxels
-    it keeps) are left to the network."""
+    it keeps) are left to the network. ``example`` may also be the tuple
+    of the forward's arguments, a SparseTensor first (SPVCNN's ``(voxels,
+    inverse, points, point_batch)``), as ``export_model``,
+    ``DependencyGraph`` and ``sparsity_report`` take it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(example, (tuple, list)) and example and isinstance(example[0], SparseTensor) and not args:
+        example, args = example[0], tuple(example[1:])  # (it was a TypeError: "got tuple")
     if not isinstance(example, SparseTensor):
         raise TypeError(f"example must be a SparseTensor; got {type(example).__name__}")
     recorder = _Recorder(example.cache)
