@@ -620,7 +620,8 @@ def main(args) -> int:
     # (Torch-Pruning's users read a cut's MACs: the stored values alone do not tell the work, which a conv's
     # pairs weigh)
     print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f}); "
-          f"{flops[0] / 1e9:.3g} -> {flops[1] / 1e9:.3g} GFLOPs on the example cloud ({flops[1] / flops[0]:.2f})")
+          f"{flops[0] / 1e9:.3g} -> {flops[1] / 1e9:.3g} GFLOPs on the example cloud"
+          f"{f' ({flops[1] / flops[0]:.2f})' if flops[0] else ''}")
     if args.finetune_epochs > 0:
         return finetune(path, args.finetune_epochs, not args.no_progress)
     return 0
