@@ -153,3 +153,16 @@ def test_the_pruning_and_formats_snippets_run_in_turn():
         reference.weight.copy_(fast.engine_weight)
     assert torch.allclose(scope["y"].feats, reference(x).feats, atol=1e-5)
     assert torch.allclose(scope["W"] @ scope["X"], scope["w"] @ scope["X"], atol=1e-5)
+
+
+def test_the_models_snippet_runs_and_gives_the_shapes_its_comments_name():
+    """The README showed no Python call of SPVCNN (its point arguments were
+    in its docstring alone: an SPVCNN review): the Models snippet runs a
+    MinkUNet and an SPVCNN on one generated scan, as its comments say."""
+    torch.manual_seed(0)
+    scope: dict = {"torch": torch, "ps": ps}
+    exec(compile(python_block("### Models"), "README.md: Models", "exec"), scope)  # noqa: S102
+    b, scan = scope["b"], scope["scan"]
+    assert scope["logits"].shape == (len(b.input.coords), 9) and b.input.feats.shape[1] == 7
+    assert scope["per_point"].shape == (len(scan.xyz), 9) and len(b.labels) == len(b.input.coords)
+    assert torch.equal(torch.floor(b.points).int(), b.input.coords[b.inverse, 1:])
