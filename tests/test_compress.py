@@ -1767,3 +1767,33 @@ def test_a_format_assigned_to_a_compressed_layer_runs_on_every_execution():
     copy = F.compress(conv, "csr")
     copy.load_state_dict(compressed.state_dict())  # (the round trip gives what the conv ran)
     assert torch.allclose(copy(inp).feats, compressed(inp).feats, atol=1e-6)
+
+
+def test_compress_execution_pins_every_layer_without_measuring(monkeypatch):
+    """Whether a compressed model gives input gradients hung on the
+    machine's timings (a layer whose format was measured faster is
+    inference-only: a formats review). ``execution=`` pins every layer,
+    measuring nothing: "dense" (or "engine") the layer's own computation,
+    "format" the format's product."""
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(psnn.Conv3d(4, 8, 3), psnn.ReLU(), psnn.Linear(8, 3)).eval()
+    for module in (model[0], model[2].fn):
+        prune.l1_unstructured(module, "weight", 0.9)
+    coords = torch.unique(torch.randint(0, 6, (150, 3)), dim=0)
+    x = pointsparse.SparseTensor(torch.randn(len(coords), 4),
+                                 torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int())
+    monkeypatch.setattr(formats, "_interleaved_times", lambda *a, **k: pytest.fail("measured"))
+    for given, conv, linear in (("dense", "engine", "dense"), ("engine", "engine", "dense"),
+                                ("format", "format", "format")):
+        fast = formats.compress(model, "csr", example_input=x, execution=given)
+        assert (fast[0].execution, fast[2].fn.execution) == (conv, linear), given
+        assert fast[0].chosen == f"{conv} (given)"
+        assert torch.allclose(fast(x).feats, model(x).feats, atol=1e-5)
+    pinned = formats.compress(model, "csr", example_input=x, execution="dense")
+    feats = x.feats.clone().requires_grad_()
+    pinned(x.with_feats(feats)).feats.sum().backward()  # (the engine gives input gradients)
+    assert feats.grad is not None
+    with pytest.raises(ValueError, match="execution must be 'dense'"):
+        formats.compress(model, "csr", execution="fast")

@@ -53,7 +53,8 @@ def _format_class(format):
     raise ValueError(f"format must be one of {sorted(FORMATS)} (or a format class); got {format!r}")
 
 
-def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs) -> torch.nn.Module:
+def compress(module: torch.nn.Module, format="csr", example_input=None, *, execution: str | None = None,
+             **kwargs) -> torch.nn.Module:
     """An inference copy of ``module`` whose weights live in ``format``
     (a model with a BatchNorm or dropout in training mode is a ValueError:
     call ``model.eval()`` first, as for :mod:`pointsparse.export`).
@@ -89,6 +90,12 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
       batch_first layer takes). Those stay dense, their ``chosen`` saying
       so.
 
+    ``execution`` pins how every compressed layer runs, measuring nothing:
+    ``"dense"`` (or ``"engine"``: the same) the layer's own computation on
+    the weight the format holds (a Linear's torch linear, a conv's engine:
+    input gradients available whatever the timings), ``"format"`` the
+    format's product; None (the default) chooses as above.
+
     ``kwargs`` go to the format's ``from_dense`` (``blocksize`` for BSR, ``n,
     m, prune`` for NM, ``num_pe`` for EIE). The effective weight of a pruned
     module (``weight_orig * weight_mask``, zero outside a ``kernel_region``)
@@ -107,15 +114,18 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     from ..nn import Conv3d
 
     cls = _format_class(format)
+    if execution is not None and execution not in ("dense", "engine", "format"):
+        raise ValueError(f"execution must be 'dense' (or 'engine'), 'format' or None (chosen by timing); got "
+                         f"{execution!r}")
     _check_on_cpu(module)
     _check_own_forward(module, Conv3d)
     layers = (torch.nn.Linear, Conv3d, SparseLinear, SparseConv3d)
     if isinstance(module, (torch.nn.Linear, SparseLinear)):
         weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
         sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
-        return _with_hooks(module, _choose(sparse, example_input, ("dense", "format")))
+        return _with_hooks(module, _choose(sparse, example_input, ("dense", "format"), execution))
     if isinstance(module, (Conv3d, SparseConv3d)):
-        return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs))
+        return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs, execution))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     if isinstance(module, torch.nn.modules.conv._ConvNd):  # (it returned the conv's copy unchanged, silently)
@@ -131,7 +141,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                 _check_own_forward(sub, Conv3d)
             except TypeError as error:
                 raise TypeError(f"{name}: {error}") from error
-    inputs = {} if example_input is None else _layer_inputs(module, example_input, layers)
+    inputs = {} if example_input is None or execution is not None else _layer_inputs(module, example_input, layers)
     from ..prune._copyable import copy_model  # noqa: PLC0415 - the formats do not load the pruning package
 
     originals = dict(module.named_modules())
@@ -149,7 +159,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                     qualified = f"{name}.{child_name}" if name else child_name
                     example = inputs.get(originals[qualified]) if qualified in originals else None
                     try:
-                        done[id(child)] = compress(child, cls, example, **kwargs)
+                        done[id(child)] = compress(child, cls, example, execution=execution, **kwargs)
                     except (ValueError, TypeError) as error:  # (which of the model's layers)
                         raise type(error)(f"{qualified}: {error}") from error
                     done[id(child)]._compressed_from = qualified  # (named in errors torch gives no path for)
@@ -297,7 +307,7 @@ def _effective_conv_weight(module) -> torch.Tensor:
     return weight if region is None else weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
 
 
-def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
+def _compress_conv(module, cls, example_input, kwargs, execution: str | None = None) -> SparseConv3d:
     weight = _effective_conv_weight(module)
     if cls is FKW:
         offsets = FKW.from_dense(weight.permute(2, 1, 0), **kwargs)
@@ -312,7 +322,7 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
                           module.in_channels, module.out_channels, _effective_bias(module), execution="engine",
                           relu=getattr(module, "relu", False),  # (convs pickled before these existed have none)
                           kernel_region=getattr(module, "kernel_region", None))
-    return _choose(sparse, example_input, ("engine", "format"))
+    return _choose(sparse, example_input, ("engine", "format"), execution)
 
 
 #: The clock of :func:`_interleaved_times`.
@@ -328,13 +338,19 @@ CHOICE_ROUNDS = 7
 CHOICE_MARGIN = 0.95
 
 
-def _choose(sparse, example_input, executions):
-    """``sparse`` (a SparseConv3d / SparseLinear) set to the faster of its
+def _choose(sparse, example_input, executions, given: str | None = None):
+    """``sparse`` (a SparseConv3d / SparseLinear) set to ``given`` where one
+    is (``"dense"`` / ``"engine"``: the first of ``executions``; nothing
+    measured), else to the faster of its
     ``executions`` on ``example_input`` (``chosen`` records the times), or
     to the first, the dense module's own computation, without one. Timed in
     :data:`CHOICE_ROUNDS` interleaved rounds (a machine's slow phase falls
     on every execution alike), medians compared; the first is kept unless
     another's median is at most :data:`CHOICE_MARGIN` of its own."""
+    if given is not None:
+        sparse.execution = "format" if given == "format" else executions[0]
+        sparse.chosen = f"{sparse.execution} (given)"
+        return sparse
     if example_input is None:
         sparse.execution = executions[0]
         sparse.chosen = f"{executions[0]} (not measured)"
