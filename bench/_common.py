@@ -286,6 +286,16 @@ def child_peaks(forms: list, run_child, rounds: int, script: str) -> tuple[dict,
     return grown, seen
 
 
+def add_peak_options(parser, page: str) -> None:
+    """The options every :func:`child_peaks` script takes: ``--rounds``
+    (default 3; --quick 1, through :func:`quick_defaults`), ``--quick`` and
+    ``--out`` (default ``bench/results/<page>``)."""
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="interleaved rounds, one child per form each (default 3; --quick 1)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=page_arg, default=None, help=f"the page (default bench/results/{page})")
+
+
 def peak_table(grown: dict, base: str) -> str:
     """The markdown table of :func:`child_peaks`' measurements, each form's
     median against ``base``'s."""

@@ -27,8 +27,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from _common import (child_peaks, environment, page_arg, page_path, peak_table, positive_int, quick_defaults,
-                     write_markdown)
+from _common import (add_peak_options, child_peaks, environment, page_path, peak_table, positive_int,
+                     quick_defaults, write_markdown)
 
 BENCH = Path(__file__).resolve().parent
 
@@ -90,11 +90,7 @@ def main() -> None:
     parser.add_argument("--copies", type=positive_int, default=None,
                         help="sweeps batched into one input (default 8; --quick 1)")
     parser.add_argument("--cr", type=float, default=1.0, help="the MinkUNet's channel ratio (default 1.0)")
-    parser.add_argument("--rounds", type=positive_int, default=None,
-                        help="interleaved rounds, one child per form each (default 3; --quick 1)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=page_arg, default=None,
-                        help="the page (default bench/results/inference_memory.md)")
+    add_peak_options(parser, "inference_memory.md")
     args = parser.parse_args()
     quick_defaults(args, copies=(8, 1), rounds=(3, 1))
     forms = ["block by block", "whole stage"]

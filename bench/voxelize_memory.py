@@ -23,8 +23,8 @@ import argparse
 import shlex
 import sys
 
-from _common import (child_peaks, environment, page_arg, page_path, peak_table, positive_int, quick_defaults,
-                     write_markdown)
+from _common import (add_peak_options, child_peaks, environment, page_path, peak_table, positive_int,
+                     quick_defaults, write_markdown)
 
 
 CHILD = r"""
@@ -61,11 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=positive_int, default=None, help="points (default 2,000,000; --quick 50,000)")
     parser.add_argument("--channels", type=positive_int, default=32, help="feature channels (default 32)")
-    parser.add_argument("--rounds", type=positive_int, default=None,
-                        help="interleaved rounds, one child per form each (default 3; --quick 1)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=page_arg, default=None,
-                        help="the page (default bench/results/voxelize_memory.md)")
+    add_peak_options(parser, "voxelize_memory.md")
     args = parser.parse_args()
     quick_defaults(args, points=(2_000_000, 50_000), rounds=(3, 1))
     forms = ["no source rows", "with source rows"]
