@@ -858,15 +858,25 @@ def run_case(family: str, seed: int, index: int) -> dict:
 
 
 def main(argv) -> int:
-    family, seed = argv[0], int(argv[1])
-    indices = [int(argv[2])] if len(argv) > 2 else None
-    count = int(os.environ.get("FUZZ_COUNT", "100"))
+    """``family seed [index]``: the case ``index`` of ``seed``, or
+    ``$FUZZ_COUNT`` cases of it (100 without); ``family seed:count
+    [seed:count ...]``: each seed's count of cases in turn, in one process
+    (tests/test_fuzz.py runs the built-in seed's and the day's so: a
+    process's start is some seconds of importing torch). Each case prints a
+    line ``{"start": i, "seed": s}`` before it and its outcome after."""
+    family = argv[0]
+    if ":" in argv[1]:
+        runs = [(int(seed), range(int(count))) for seed, count in (arg.split(":") for arg in argv[1:])]
+    else:
+        seed = int(argv[1])
+        runs = [(seed, [int(argv[2])] if len(argv) > 2 else range(int(os.environ.get("FUZZ_COUNT", "100"))))]
     torch.set_num_threads(1)
-    for i in indices if indices is not None else range(count):
-        print(json.dumps({"start": i}), flush=True)
-        out = run_case(family, seed, i)
-        out["index"] = i
-        print(json.dumps(out), flush=True)
+    for seed, indices in runs:
+        for i in indices:
+            print(json.dumps({"start": i, "seed": seed}), flush=True)
+            out = run_case(family, seed, i)
+            out["index"], out["seed"] = i, seed
+            print(json.dumps(out), flush=True)
     return 0
 
 

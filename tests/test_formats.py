@@ -875,3 +875,24 @@ def test_nnz_counts_from_the_stored_arrays_never_the_dense_matrix(monkeypatch):
                   torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[-1.0, 2.0], [0.0, 0.0]]]), (2, 2))
     assert twice.nnz == 1
     assert F.CSR.from_dense(torch.zeros(0, 5)).nnz == 0 and F.CSC.from_dense(torch.zeros(3, 0)).nnz == 0
+
+
+def test_a_format_multiplies_only_what_it_stores_so_inf_inputs_give_nan_in_fewer_places():
+    """README: outputs equal the masked dense module's for finite inputs; an
+    inf input gives NaN where a stored value (an N:M group's explicit zero
+    too) meets it, and nowhere else (the dense product: at every zero)."""
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]])
+    nm = F.NM.from_dense(w, 2, 4)
+    stored = set(nm._columns()[0].tolist())
+    assert len(stored) == 4 and {0, 4} <= stored  # each group: its nonzero and one explicit zero
+    csr = F.CSR.from_dense(w)
+    for col in (1, 2, 3, 5, 6, 7):
+        x = torch.ones(8, 1)
+        x[col] = float("inf")
+        assert torch.isnan(w @ x).all()  # the dense product: 0 * inf
+        assert (csr @ x).item() == 3.0  # stores no zero
+        got = (nm @ x).item()
+        if col in stored:
+            assert math.isnan(got), col
+        else:
+            assert got == 3.0, col

@@ -34,9 +34,10 @@ CASE_SECONDS = 20.0
 FAMILY_SECONDS = 240
 
 
-def _run(family: str, count: int, seed: int):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FUZZ_COUNT=str(count), POINTSPARSE_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "tests" / "fuzz_cases.py"), family, str(seed)]
+def _run(family: str, runs: list):
+    """The family's cases of each ``(seed, count)`` of ``runs`` in one child process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "tests" / "fuzz_cases.py"), family, *(f"{seed}:{count}" for seed, count in runs)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env,
                               timeout=FAMILY_SECONDS)
@@ -50,41 +51,48 @@ def _run(family: str, count: int, seed: int):
     return lines, code, hung, stderr
 
 
-def _cases():
-    """(family, which): every family on the fixed seed, then on the day's
-    (its seed read when the test runs, not in its id: pytest-xdist's workers
-    must collect the same tests, across midnight too)."""
-    out = [(family, "fixed") for family in sorted(COUNTS)]
+def _runs(family: str) -> list:
+    """(seed, count): the built-in seed's cases, then a quarter of them on
+    the day's seed (its seed read when the test runs, not in its id:
+    pytest-xdist's workers must collect the same tests, across midnight
+    too), in one child process: a child's start is some seconds of
+    importing torch (two children a family: 45 s of the suite's worker
+    time on an AMD Zen 3, bench/RESULTS.md stop 78)."""
+    runs = [(SEED, COUNTS[family])]
     if DAY_SEED and DAY_SEED != SEED:
-        out += [(family, "day") for family in sorted(COUNTS)]
-    return out
+        runs.append((DAY_SEED, max(10, COUNTS[family] // 4)))
+    return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, which", _cases())
-def test_fuzz_family(family, which):
-    seed, count = (SEED, COUNTS[family]) if which == "fixed" else (DAY_SEED, max(10, COUNTS[family] // 4))
+@pytest.mark.parametrize("family", sorted(COUNTS))
+def test_fuzz_family(family):
     if family in TWO_THREADS and _ext_max_threads() < 2:
         pytest.skip(f"{family} compares 1 and 2 threads; this process may run on one processor")
-    lines, code, hung, stderr = _run(family, count, seed)
-    started = [r["start"] for r in lines if "start" in r]
+    runs = _runs(family)
+    lines, code, hung, stderr = _run(family, runs)
+    started = [(r["seed"], r["start"]) for r in lines if "start" in r]
     results = [r for r in lines if "result" in r]
-    rerun = f"python tests/fuzz_cases.py {family} {seed} {{}}"
+    rerun = f"python tests/fuzz_cases.py {family} {{}} {{}}"
     if hung or code != 0:
-        last = started[-1] if started else None
+        seed, last = started[-1] if started else (runs[0][0], None)
         what = "hung (no answer within the time limit)" if hung else f"crashed (exit status {code})"
-        pytest.fail(f"{family} case {last} {what}; rerun: {rerun.format(last)}\n{stderr[-2000:]}")
-    assert len(results) == count
-    bad = [r for r in results if r["result"] in ("unnamed", "wrong")]
-    slow = [r for r in results if r["seconds"] > CASE_SECONDS]
-    report = "\n".join(f"case {r['index']}: {r['result']}: {r.get('msg')}\n{r.get('where', '')}  rerun: "
-                       f"{rerun.format(r['index'])}" for r in bad[:5])
-    assert not bad, f"{len(bad)} of {len(results)} {family} cases failed:\n{report}"
-    assert not slow, f"runaway work in {family}: " + ", ".join(f"case {r['index']} took {r['seconds']} s" for r in slow)
-    # Not vacuous: the built-in seed's cases reach both valid results and
-    # refusals (another seed, a day's quarter, may draw too few to meet both).
-    outcomes = {r["result"] for r in results}
-    assert seed != DEFAULT_SEED or "ok" in outcomes and "refused" in outcomes, f"{family}: only {outcomes}"
+        pytest.fail(f"{family} case {last} of seed {seed} {what}; rerun: {rerun.format(seed, last)}\n"
+                    f"{stderr[-2000:]}")
+    for seed, count in runs:
+        mine = [r for r in results if r["seed"] == seed]
+        assert len(mine) == count, (seed, len(mine), count)
+        bad = [r for r in mine if r["result"] in ("unnamed", "wrong")]
+        slow = [r for r in mine if r["seconds"] > CASE_SECONDS]
+        report = "\n".join(f"case {r['index']}: {r['result']}: {r.get('msg')}\n{r.get('where', '')}  rerun: "
+                           f"{rerun.format(seed, r['index'])}" for r in bad[:5])
+        assert not bad, f"{len(bad)} of {len(mine)} {family} cases of seed {seed} failed:\n{report}"
+        assert not slow, (f"runaway work in {family}: " +
+                          ", ".join(f"case {r['index']} of seed {seed} took {r['seconds']} s" for r in slow))
+        # Not vacuous: the built-in seed's cases reach both valid results and
+        # refusals (another seed, a day's quarter, may draw too few to meet both).
+        outcomes = {r["result"] for r in mine}
+        assert seed != DEFAULT_SEED or "ok" in outcomes and "refused" in outcomes, f"{family}: only {outcomes}"
 
 
 def _ext_max_threads() -> int:
