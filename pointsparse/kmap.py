@@ -549,7 +549,11 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
         kernel_size, stride, dilation, tensor_stride: int or 3-tuple each.
         method: ``"mergesort"``, ``"hash"`` (CPU tensors), ``"torch"`` (any
             device) or ``None`` for :func:`default_method`. All return
-            identical tensors.
+            identical tensors, where they build the map: the default's
+            map of a kernel tiling its stride (below) packs no keys, so
+            it is built for coords whose spans (inputs and outputs
+            together) need more than the 63 key bits, which the named
+            methods refuse.
         out_coords: output coords to use instead of computing them (the
             coords a cache already holds for the output stride).
 

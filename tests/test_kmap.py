@@ -1484,3 +1484,17 @@ def test_a_strided_maps_key_refusal_says_its_spans_hold_the_outputs_too(method):
     coords = torch.tensor([[0, -2**31, 0, 1], [0, 2**31 - 1, 2**31 - 1, 1]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"z \[0, 1\] .*input coords and its output coords together"):
         km.build(coords, kernel_size=2, stride=2, method=method)
+
+
+def test_the_default_builds_the_tiling_map_the_named_methods_refuse_for_its_spans():
+    """build()'s docstring: the default method's map of a kernel tiling its
+    stride packs no keys, so coords the named methods refuse (spans past
+    the 63 key bits) get their map; it pairs each row with its parent."""
+    coords = torch.tensor([[0, -2**31, 0, 1], [0, 2**31 - 1, 2**31 - 1, 1]], dtype=torch.int32)
+    kmap = km.build(coords, kernel_size=2, stride=2)
+    assert kmap.out_coords.tolist() == [[0, -2**31, 0, 0], [0, 2**31 - 2, 2**31 - 2, 0]]
+    pairs = sorted(zip(kmap.in_idx.tolist(), kmap.out_idx.tolist()))
+    assert pairs == [(0, 0), (1, 1)]
+    # each row at its place in the parent: offset (x, y, z) = (0, 0, 1) and (1, 1, 1) of the 2x2x2 kernel
+    offsets = torch.repeat_interleave(torch.arange(8), kmap.sizes)
+    assert sorted(zip(kmap.in_idx.tolist(), offsets.tolist())) == [(0, 1), (1, 7)]
