@@ -1721,9 +1721,11 @@ def test_a_torch_conv_is_refused_alone_and_named_where_a_model_holds_it():
     assert isinstance(fast[2], formats.SparseLinear)  # (the Linear is converted all the same)
     with pytest.warns(UserWarning, match="found no torch.nn.Linear or pointsparse.nn.Conv3d in the Sequential"):
         formats.compress(torch.nn.Sequential(torch.nn.ReLU()))
+    sparse = psnn.Conv3d(4, 8, 3)
+    prune.l1_unstructured(sparse, "weight", 0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (a model of sparse convs: no word)
-        formats.compress(torch.nn.Sequential(psnn.Conv3d(4, 8, 3)))
+        formats.compress(torch.nn.Sequential(sparse))
 
 
 def test_a_format_assigned_to_a_compressed_layer_runs_on_every_execution():
@@ -1797,3 +1799,35 @@ def test_compress_execution_pins_every_layer_without_measuring(monkeypatch):
     assert feats.grad is not None
     with pytest.raises(ValueError, match="execution must be 'dense'"):
         formats.compress(model, "csr", execution="fast")
+
+
+def test_compress_warns_where_the_format_takes_more_bytes_than_the_dense_weight():
+    """A weight too dense for its format (CSR of an unpruned layer: values
+    and column indices) was compressed without a word, the "smaller" model
+    bigger than the dense one (a formats review). compress names those
+    layers and their bytes; a pruned layer whose format is smaller, none."""
+    import pointsparse.prune as prune
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(16, 8)
+    with pytest.warns(UserWarning, match=r"in CSR the weight takes more bytes than dense in the layer \((\d+) bytes "
+                                         r"against 512\)"):
+        fast = formats.compress(dense, "csr")
+    stored = fast.weight_format.nbytes()
+    assert stored > 512 == dense.weight.numel() * 4
+    conv = psnn.Conv3d(4, 8, 3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), conv, torch.nn.Linear(8, 2))
+    prune.l1_unstructured(model[0], "weight", 0.95)
+    with pytest.warns(UserWarning, match=r"in CSR .* than dense in 1 \(\d+ bytes against 3456\), 2 \(\d+ bytes "
+                                         r"against 64\): it is too dense") as caught:
+        formats.compress(model, "csr")
+    assert "0 (" not in str(caught[0].message)  # the pruned Linear's CSR is smaller
+    prune.l1_unstructured(conv, "weight", 0.9)
+    prune.l1_unstructured(model[2], "weight", 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = formats.compress(model, "csr")
+    for layer in fast:
+        stored, plain = formats._format_bytes(layer)
+        assert stored < plain

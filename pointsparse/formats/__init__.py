@@ -120,12 +120,10 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, *, execu
     _check_on_cpu(module)
     _check_own_forward(module, Conv3d)
     layers = (torch.nn.Linear, Conv3d, SparseLinear, SparseConv3d)
-    if isinstance(module, (torch.nn.Linear, SparseLinear)):
-        weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
-        sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
-        return _with_hooks(module, _choose(sparse, example_input, ("dense", "format"), execution))
-    if isinstance(module, (Conv3d, SparseConv3d)):
-        return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs, execution))
+    if isinstance(module, (torch.nn.Linear, SparseLinear, Conv3d, SparseConv3d)):
+        layer = _compress_layer(module, cls, example_input, kwargs, execution)
+        _warn_larger_than_dense([("the layer", layer)], cls)
+        return layer
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     if isinstance(module, torch.nn.modules.conv._ConvNd):  # (it returned the conv's copy unchanged, silently)
@@ -148,6 +146,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, *, execu
     # (pruned weights are computed, non-leaf tensors that deepcopy refuses: copied detached, the hooks recompute them)
     result = copy_model(module)
     done = {}  # id(layer) -> its compressed module: a layer shared by two parents stays shared
+    converted = []  # (name, compressed layer) of the layers converted here
     for layer, why in _read_by_parent(result).items():
         layer.chosen = f"dense (kept: {why})"
         done[id(layer)] = layer
@@ -159,13 +158,54 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, *, execu
                     qualified = f"{name}.{child_name}" if name else child_name
                     example = inputs.get(originals[qualified]) if qualified in originals else None
                     try:
-                        done[id(child)] = compress(child, cls, example, execution=execution, **kwargs)
+                        done[id(child)] = _compress_layer(child, cls, example, kwargs, execution)
                     except (ValueError, TypeError) as error:  # (which of the model's layers)
                         raise type(error)(f"{qualified}: {error}") from error
                     done[id(child)]._compressed_from = qualified  # (named in errors torch gives no path for)
+                    converted.append((qualified, done[id(child)]))
                 setattr(sub, child_name, done[id(child)])
     _warn_left_dense(module, dense_convs, converted=bool(done))
+    _warn_larger_than_dense(converted, cls)
     return result
+
+
+def _compress_layer(module, cls, example_input, kwargs: dict, execution: str | None):
+    """One Linear / Conv3d (or a compressed one, re-encoded) in ``cls``,
+    its execution chosen (:func:`compress`'s first two cases)."""
+    from ..nn import Conv3d
+
+    if isinstance(module, (torch.nn.Linear, SparseLinear)):
+        weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
+        sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
+        return _with_hooks(module, _choose(sparse, example_input, ("dense", "format"), execution))
+    assert isinstance(module, (Conv3d, SparseConv3d))
+    return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs, execution))
+
+
+def _format_bytes(layer) -> tuple[int, int]:
+    """(bytes of the weight in its format, bytes of the same weight dense
+    in its dtype) of a compressed layer."""
+    bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
+    dense = layer.dense_weight if isinstance(layer, SparseLinear) else layer.engine_weight
+    return layer.nbytes() - bias, dense.numel() * dense.element_size()
+
+
+def _warn_larger_than_dense(layers: list, cls) -> None:
+    """A UserWarning naming the compressed layers whose weight takes more
+    bytes in the format than dense (``nbytes()`` against the dense weight's
+    bytes): too dense for the format, which then saves nothing (a user
+    compressing to save memory or file size met no sign of it)."""
+    import warnings
+
+    bigger = []
+    for name, layer in layers:
+        stored, dense = _format_bytes(layer)
+        if stored > dense:
+            bigger.append(f"{name} ({stored} bytes against {dense})")
+    if bigger:
+        shown = ", ".join(bigger[:3]) + (f", and {len(bigger) - 3} more" if len(bigger) > 3 else "")
+        warnings.warn(f"in {cls.__name__} the weight takes more bytes than dense in {shown}: it is too dense for "
+                      "the format to save memory (prune it further, or keep it dense)", UserWarning, stacklevel=3)
 
 
 def _warn_left_dense(module, dense_convs: list, converted: bool) -> None:
