@@ -5,8 +5,9 @@ metrics) and the README's layout of the application."""
 from __future__ import annotations
 
 import argparse
-import math
 import io
+import json
+import math
 import os
 import re
 import subprocess
@@ -31,16 +32,45 @@ def finish(proc: subprocess.Popen, timeout: int = 120) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+# Runs `python -m pointsparse ARGS` for each ARGS of a JSON list on argv[1] in this one process (sys.argv set,
+# stdout and stderr captured, the exit status kept), and prints [[status, stdout, stderr], ...] as JSON.
+_HELPS = r"""
+import contextlib, io, json, runpy, sys
+got = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["pointsparse", *args]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("pointsparse", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    got.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(got))
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The help of the tool and of every command, and a quick demo, started
+    """The help of the tool and of every command, as ``python -m pointsparse``
+    prints it, in one child process (a child's start is seconds of importing
+    torch: a child each took 35 s of the suite's worker time on an AMD Zen 3,
+    bench/RESULTS.md stop 78), beside a quick demo in its own, started
     together as a user runs them (the demo writes to a temporary folder, not
     over the runs/demo a user's `make demo` left)."""
     out = tmp_path_factory.mktemp("quick-demo")
-    invocations = {"--help": ("--help",), "demo": ("demo", "--steps", "2", "--points", "5000", "--out", str(out))}
-    invocations.update({f"{c} --help": (c, "--help") for c, _, _ in cli.COMMANDS})
-    procs = {k: start(*v) for k, v in invocations.items()}
-    return {k: finish(p, timeout=300) for k, p in procs.items()}
+    helps = {"--help": ("--help",)}
+    helps.update({f"{c} --help": (c, "--help") for c, _, _ in cli.COMMANDS})
+    demo = start("demo", "--steps", "2", "--points", "5000", "--out", str(out))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-c", _HELPS, json.dumps(list(helps.values()))], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = dict(zip(helps, map(tuple, json.loads(proc.stdout.strip().splitlines()[-1]))))
+    found["demo"] = finish(demo, timeout=300)
+    return found
 
 
 def test_top_level_help(runs):
