@@ -713,9 +713,18 @@ class SparseTensor:
         """A tensor on the same coords and stride with new feats, sharing this
         one's coordinate cache."""
         _check_feats(feats, self._coords.shape[0])  # not len(): a symbolic row count stays symbolic
-        if feats.device != self.device:
-            raise ValueError(f"feats are on {feats.device} but the tensor is on {self.device}")
-        return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
+        if feats.device != self._feats.device:
+            raise ValueError(f"feats are on {feats.device} but the tensor is on {self._feats.device}")
+        if torch.jit.is_tracing():
+            SparseTensor(feats, self._coords, self._stride)  # (its refusal)
+        # What SparseTensor(feats, coords, stride, cache=cache, validate=False) makes, without the
+        # constructor's normalising and checks of arguments that are this tensor's own: every layer derives
+        # its output so, and torch.compile traced the constructor's Python at each one (15% of the bytecode
+        # it traced for a MinkUNet, bench/RESULTS.md stop 78).
+        out = object.__new__(SparseTensor)
+        out._feats, out._coords, out._stride, out.cache = feats, self._coords, self._stride, self.cache
+        self.cache.set_coords(self._stride, self._coords)
+        return out
 
     def to(self, *args, **kwargs) -> "SparseTensor":
         """Move to a device and/or cast feats (``.to("cuda")``, ``.to(torch.float64)``);
