@@ -344,6 +344,29 @@ def test_bench_hands_args_to_each_suite(monkeypatch, capsys):
     assert "pointsparse bench: error: --args" in capsys.readouterr().err and len(calls) == 1
 
 
+def test_bench_runs_a_suite_once_refuses_one_out_for_several_and_names_the_failed(monkeypatch, capsys):
+    """A CLI review: ``bench voxelize voxelize`` ran it twice; ``--args
+    '--out F'`` for two suites wrote both pages to F, the last one left,
+    each saying "written"; the status was the OR of the suites' (a signal's
+    -9 gave 247, a 1 and a 2 gave 3) and no line named the failed suites."""
+    from pointsparse.app import benchmark
+
+    calls, codes = [], {}
+    monkeypatch.setattr(benchmark, "suites", lambda: ["conv", "kmap", "spmm"])
+    monkeypatch.setattr(benchmark.subprocess, "call",
+                        lambda cmd: calls.append(cmd) or codes.get(cmd[1].rsplit("/", 1)[-1][:-3], 0))
+    assert cli.main(["bench", "kmap", "kmap", "--quick"]) == 0 and len(calls) == 1
+    for out in ("--out same.md", "--out=same.md"):
+        assert cli.main(["bench", "conv", "kmap", "--args", out]) == 2
+        assert "--args names one --out for 2 suites (conv, kmap)" in capsys.readouterr().err and len(calls) == 1
+    assert cli.main(["bench", "kmap", "--args", "--out one.md"]) == 0 and len(calls) == 2  # (one suite: its page)
+    codes.update(conv=-9, spmm=2)
+    assert cli.main(["bench", "conv", "kmap", "spmm"]) == 1
+    assert "pointsparse bench: 2 of 3 suites failed: conv (signal 9), spmm (exit 2)" in capsys.readouterr().err
+    assert cli.main(["bench", "spmm", "kmap"]) == 2  # (one failed: its own status)
+    assert cli.main(["bench", "conv"]) == 1  # (a signal: 1)
+
+
 def test_bench_args_of_one_option(monkeypatch, capsys):
     """``--args '--no-variants'`` (one option, no space) was argparse's
     'argument --args: expected one argument': a word that starts with '-'
