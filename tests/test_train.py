@@ -2017,6 +2017,45 @@ def test_metrics_hand_computed():
         metrics.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0]), 3)
 
 
+def test_metrics_json_says_which_classes_the_miou_averages_and_holds_no_nan(tmp_path):
+    """A metrics review: per_class held an IoU of 0 for a class only
+    predicted, which the mIoU leaves out, with no sign of it (the mean of
+    the non-null per_class values was another number); a confusion matrix
+    with nothing scored gave ``"miou": NaN``, which strict JSON readers
+    refuse. ``miou_classes`` names the classes averaged; NaN is None."""
+    import json
+
+    from pointsparse.app import plots, scoring
+
+    cm = metrics.confusion_matrix(np.array([0, 1, 3, 2]), np.array([0, 1, 2, 2]), 4)
+    s = metrics.summary(cm, ["c0", "c1", "c2", "c3"])
+    assert s["per_class"] == {"c0": 1.0, "c1": 1.0, "c2": 0.5, "c3": 0.0}
+    assert s["miou_classes"] == ["c0", "c1", "c2"]
+    assert math.isclose(s["miou"], np.mean([s["per_class"][c] for c in s["miou_classes"]]))
+    empty = metrics.summary(np.zeros((2, 2), dtype=np.int64), ["a", "b"])
+    assert (empty["miou"], empty["accuracy"], empty["miou_classes"]) == (None, None, [])
+    json.loads(json.dumps(empty, allow_nan=False))
+    assert metrics.percent(None) == "n/a (no point scored)" and metrics.percent(0.615) == "61.5%"
+    report = scoring.write_report(tmp_path, np.zeros((2, 2), dtype=np.int64), ["a", "b"], None, None, {}, 255)
+    assert report["miou"] is None
+    json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+
+def test_topdown_paints_the_points_not_scored_in_a_colour_no_class_has_and_names_it():
+    """A plots review: ignored points were grey (0.6), as tab10's class 7
+    (a car in the demo) and tab20's classes 14 and 15 nearly are, and the
+    legend did not name them. They are black now, a colour no class has,
+    named "not scored" in the legend where the cloud has such points."""
+    from pointsparse.app import plots
+
+    for n in (3, 10, 19, 20):
+        colours = plots.class_colours(n)
+        assert tuple(colours[n]) == plots.IGNORED_COLOUR
+        assert np.abs(colours[:n] - colours[n]).max(axis=1).min() > 0.2  # (tab's darkest: 0.09, 0.75, 0.81)
+    painted = plots.colour_indices(np.array([0, 255, 1]), np.array([0, 1, 7]), 3, 255)
+    assert [v.tolist() for v in painted] == [[0, 3, 1], [0, 3, 3]]
+
+
 def test_confusion_matrix_refuses_shapes_that_only_share_a_count():
     """pred and target were flattened before their shapes were compared, so a
     (2, 3) prediction scored against a (3, 2) target (a transposed batch) was

@@ -20,7 +20,7 @@ import math
 import time
 from pathlib import Path
 
-from . import counted, train
+from . import counted, metrics, train
 
 #: The demo's fixed plan: epochs of 12 steps (about 3 minutes of training on a
 #: quiet 2-core Zen 4 at one thread), and the most ``--minutes`` may plan.
@@ -99,7 +99,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     report = train.train(training_arguments(args))
     out = Path(args.out)
-    print(f"\nheld-out generated scenes: mIoU {100 * report['miou']:.1f}% after {counted(report['epochs'], 'epoch')} "
+    print(f"\nheld-out generated scenes: mIoU {metrics.percent(report['miou'])} after {counted(report['epochs'], 'epoch')} "
           f"({counted(report['steps'], 'step')}, {report['step_time_s_median']:.2f} s per step of 2 scans); "
           f"{(time.perf_counter() - t0) / 60:.1f} min in all")
     print(f"report:   {out / 'metrics.json'}")

@@ -136,16 +136,30 @@ def accuracy(cm: np.ndarray) -> float:
 
 
 def summary(cm: np.ndarray, classes) -> dict:
-    """``{"miou", "accuracy", "per_class": {name: iou or None}, "points":
-    {name: count}}`` (None for classes absent from targets and predictions)."""
+    """``{"miou", "accuracy", "per_class": {name: iou or None}, "miou_classes":
+    [name], "points": {name: count}}``: None for classes absent from targets
+    and predictions, and for ``miou`` and ``accuracy`` where no point was
+    scored (JSON has no NaN: a bare NaN in metrics.json was refused by strict
+    readers); ``miou_classes`` names the classes ``miou`` averages, those
+    with points in the targets (a class only predicted has an IoU of 0 in
+    ``per_class`` but is not in the mean, as :func:`mean_iou` says)."""
     cm, classes = _named(cm, classes)
     iou = iou_per_class(cm)
+    counts = np.asarray(cm).sum(1)
+    miou, acc = mean_iou(cm), accuracy(cm)
     return {
-        "miou": mean_iou(cm),
-        "accuracy": accuracy(cm),
+        "miou": None if math.isnan(miou) else miou,
+        "accuracy": None if math.isnan(acc) else acc,
         "per_class": {str(c): (None if math.isnan(v) else float(v)) for c, v in zip(classes, iou)},
-        "points": {str(c): int(n) for c, n in zip(classes, np.asarray(cm).sum(1))},
+        "miou_classes": [str(c) for c, n in zip(classes, counts) if n > 0],
+        "points": {str(c): int(n) for c, n in zip(classes, counts)},
     }
+
+
+def percent(value) -> str:
+    """A summary's ``miou`` or ``accuracy`` as printed: ``61.5%``, or ``n/a
+    (no point scored)`` for its None."""
+    return "n/a (no point scored)" if value is None else f"{100 * value:.1f}%"
 
 
 def format_table(cm: np.ndarray, classes) -> str:

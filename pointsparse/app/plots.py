@@ -29,11 +29,17 @@ def _plt():
 
 
 def class_colours(num_classes: int) -> np.ndarray:
-    """``(num_classes + 1, 3)`` RGB colours; the last one (grey) for ignored points."""
+    """``(num_classes + 1, 3)`` RGB colours; the last one (black, which no
+    class has: tab10's class 7 and tab20's 14 and 15 are greys, as the
+    ignored points' colour was) for ignored points."""
     plt = _plt()
     cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
     colours = np.array([cmap(i % cmap.N)[:3] for i in range(num_classes)])
-    return np.vstack([colours, [[0.6, 0.6, 0.6]]])
+    return np.vstack([colours, [IGNORED_COLOUR]])
+
+
+#: The colour of points not scored (their label the ignore index, or no class) in topdown.png.
+IGNORED_COLOUR = (0.0, 0.0, 0.0)
 
 
 def save(fig, path) -> Path:
@@ -121,8 +127,8 @@ def colour_indices(labels: np.ndarray, pred: np.ndarray, num_classes: int,
                    ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """The rows of :func:`class_colours` that :func:`topdown` paints the
     labels and the predictions of its points with: their class, or
-    ``num_classes`` (grey) for a point whose label is ``ignore_index`` (not
-    scored: grey in both panels) and for a value outside the classes. A
+    ``num_classes`` (black, "not scored" in the legend) for a point whose label is ``ignore_index`` (not
+    scored: black in both panels) and for a value outside the classes. A
     prediction is never greyed for its own value: ``ignore_index`` may also
     be a class (0 of a run whose class 0 is unlabelled), and a point of
     another label predicted as that class shows it."""
@@ -139,8 +145,8 @@ def colour_indices(labels: np.ndarray, pred: np.ndarray, num_classes: int,
 def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path, ignore_index: int = 255,
             max_points: int = 80_000) -> Path:
     """Top-down scatter of one cloud: labels on the left, predictions on the
-    right, one colour per class (points whose label is ``ignore_index`` grey
-    in both: :func:`colour_indices`)."""
+    right, one colour per class (points whose label is ``ignore_index`` black
+    in both, "not scored" in the legend: :func:`colour_indices`)."""
     plt = _plt()
     xyz = np.asarray(xyz)
     if len(xyz) > max_points:
@@ -160,6 +166,8 @@ def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[i], label=c) for i, c in enumerate(classes)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(n, 10), fontsize=8, markerscale=1.5)
+    if (painted[0] == n).any() or (painted[1] == n).any():
+        handles.append(plt.Line2D([], [], marker="o", ls="", color=colours[n], label="not scored"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=8, markerscale=1.5)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return save(fig, path)

@@ -1747,7 +1747,7 @@ class TrainingJob:
 
 def _print_report(report: dict, out) -> None:
     """The run's closing lines: its mIoU, its metrics.json and pictures."""
-    print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(out) / 'metrics.json'}")
+    print(f"mIoU {metrics.percent(report['miou'])}  ->  {Path(out) / 'metrics.json'}")
     for name, path in report["pictures"].items():
         print(f"  {name}: {shown_in(path, out)}")
 
