@@ -205,9 +205,11 @@ def test_voxel_prune_takes_numpy_and_tensor_scalars(make):
     prune = getattr(prune, "prune", prune)
     assert prune.scorer.in_features == 4
     assert len(make(torch.tensor(0.5))(line(4))) in (2, 4)  # VoxelPrune keeps 2 rows, VoxelSkip all 4
-    for ratio in (True, np.bool_(True), np.float32(0), np.float64(1.5), torch.tensor([0.5]), "0.5",
-                  np.float32("nan")):
+    for ratio in (np.float32(0), np.float64(1.5), np.float32("nan")):
         with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+            make(ratio)
+    for ratio in (True, np.bool_(True), torch.tensor([0.5]), "0.5", None):  # (not numbers: as threshold's)
+        with pytest.raises(TypeError, match="keep_ratio must be a number in"):
             make(ratio)
     for threshold in (True, np.bool_(True), "1", torch.tensor([0.5])):
         with pytest.raises(TypeError, match="threshold must be a number or None"):
@@ -224,7 +226,7 @@ def test_keep_per_batch_takes_numpy_and_tensor_ratios():
     scores, batch = torch.tensor([3.0, 1.0, 2.0, 0.0]), torch.zeros(4, dtype=torch.int32)
     for ratio in (np.float32(0.5), torch.tensor(0.5), 0.5):
         assert F.keep_per_batch(scores, batch, ratio).tolist() == [0, 2]
-    with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+    with pytest.raises(TypeError, match="keep_ratio must be a number in"):
         F.keep_per_batch(scores, batch, np.bool_(True))
 
 

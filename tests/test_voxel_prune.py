@@ -307,9 +307,11 @@ def test_keep_rules_out_of_range_are_refused():
     and a batch one element short, were taken; a NaN threshold kept nothing);
     VoxelPrune refuses a NaN or infinite threshold when it is built."""
     scores, batch = torch.rand(10), torch.zeros(10, dtype=torch.int64)
-    for ratio in (1.5, 0, -0.1, float("nan"), True):
+    for ratio in (1.5, 0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="keep_ratio"):
             F.keep_per_batch(scores, batch, ratio)
+    with pytest.raises(TypeError, match="keep_ratio"):  # (not a number: as threshold's, below)
+        F.keep_per_batch(scores, batch, True)
     with pytest.raises(ValueError, match="threshold must be a finite"):
         F.keep_per_batch(scores, batch, threshold=float("nan"))
     for bad in ("0.5", True, torch.ones(2)):  # (a str was Python's 'must be real number, not str'; True was 1)
@@ -997,8 +999,9 @@ def test_settings_changed_after_construction_take_effect_or_are_refused():
     assert learned.score == "learned" and learned.scorer is not None
     layer.keep_ratio = np.float32(0.25)
     assert type(layer.keep_ratio) is float and layer.select(x)[0].tolist() == brute_keep(x, 0.25)
-    for bad in (0, 1.5, float("nan"), "0.5", True):
-        with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+    for bad, error in ((0, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.5", TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="keep_ratio must be a number in"):
             layer.keep_ratio = bad
     assert layer.keep_ratio == 0.25
     layer.threshold = 1.0
@@ -1129,3 +1132,12 @@ def test_voxel_skip_on_meta_refuses_a_wrapped_module_with_values():
     skipped = torch.nn.utils.skip_init(ps.nn.VoxelSkip, torch.nn.Identity(), 0.5, "learned", 4)
     assert skipped.prune.scorer.weight.device == torch.device("cpu")
 
+
+
+def test_a_voxel_prunes_repr_shows_the_keep_ratio_a_threshold_leaves_unused():
+    """A review: VoxelPrune(0.25, threshold=0.0) printed as
+    VoxelPrune(threshold=0.0, score='magnitude'), its keep_ratio of 0.25
+    hidden though kept (and recorded by voxel_prunes)."""
+    assert repr(ps.nn.VoxelPrune(0.25, threshold=0.0)) == \
+        "VoxelPrune(threshold=0.0 (keep_ratio=0.25 unused), score='magnitude')"
+    assert repr(ps.nn.VoxelPrune(0.25)) == "VoxelPrune(keep_ratio=0.25, score='magnitude')"

@@ -469,9 +469,9 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
         raise ValueError(f"score (--score) must be one of {', '.join(VoxelPrune.SCORES)}; got {score!r}")
     try:
         keep_ratio = keep_ratio_of(keep_ratio)
-    except ValueError:
-        raise ValueError(f"keep_ratio (--ratio) must be a number in (0, 1]: the fraction of the voxels kept; got "
-                         f"{keep_ratio!r}") from None
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"keep_ratio (--ratio) must be a number in (0, 1]: the fraction of the voxels kept; got "
+                          f"{keep_ratio!r}") from None
     check_out_beside(path, out)
     state = load_state(path)
     model = checkpoint_model(state, path)

@@ -392,12 +392,14 @@ def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 def keep_ratio_of(value) -> float:
     """``keep_ratio`` as a Python float (ints, floats, numpy and 0-d tensor
-    numbers; not bool): a number in (0, 1], else ValueError."""
+    numbers): a number in (0, 1], else a ValueError; not a number (a bool, a
+    string, None, a tensor of other than one element), a TypeError, as for
+    ``threshold`` (it was a ValueError, a review found the two unalike)."""
     try:
         ratio = as_float(value, "keep_ratio")
     except TypeError:
-        ratio = None
-    if ratio is None or not 0 < ratio <= 1:
+        raise TypeError(f"keep_ratio must be a number in (0, 1]; got {value!r}") from None
+    if not 0 < ratio <= 1:
         raise ValueError(f"keep_ratio must be a number in (0, 1]; got {value!r}")
     return ratio
 

@@ -483,7 +483,9 @@ class VoxelPrune(SparseBackwardHooks, nn.Module):
         return self.select(input)[1]
 
     def extra_repr(self) -> str:
-        rule = f"threshold={self.threshold}" if self.threshold is not None else f"keep_ratio={self.keep_ratio}"
+        # (a threshold given wins: the keep_ratio it leaves unused is shown as such, not hidden)
+        rule = f"threshold={self.threshold} (keep_ratio={self.keep_ratio} unused)" if self.threshold is not None \
+            else f"keep_ratio={self.keep_ratio}"
         return f"{rule}, score={self.score!r}"
 
 
@@ -522,7 +524,11 @@ class VoxelSkip(SparseBackwardHooks, nn.Module):
     ``in_channels``, ``threshold`` (and the keyword-only ``device`` and
     ``dtype`` of a learned score's scorer) are :class:`VoxelPrune`'s (``prune``);
     ``module`` must return a SparseTensor on the coords it was given (one
-    holding a VoxelPrune, which drops some, is a ValueError).
+    holding a VoxelPrune, which drops some, is a ValueError). With
+    ``score="learned"`` the module's input is multiplied by
+    ``sigmoid(score)`` (so that the score learns), so a VoxelSkip keeping
+    every voxel is not ``module`` itself; with ``"magnitude"`` it is, bit
+    for bit.
 
     Its state_dict holds ``module``'s tensors under ``module.`` (and a
     learned score's under ``prune.``); ``load_state_dict`` also takes the
