@@ -172,13 +172,10 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, *, execu
 def _compress_layer(module, cls, example_input, kwargs: dict, execution: str | None):
     """One Linear / Conv3d (or a compressed one, re-encoded) in ``cls``,
     its execution chosen (:func:`compress`'s first two cases)."""
-    from ..nn import Conv3d
-
     if isinstance(module, (torch.nn.Linear, SparseLinear)):
         weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
         sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
         return _with_hooks(module, _choose(sparse, example_input, ("dense", "format"), execution))
-    assert isinstance(module, (Conv3d, SparseConv3d))
     return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs, execution))
 
 
