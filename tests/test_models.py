@@ -455,7 +455,10 @@ def test_minkunet_names_a_voxel_prune_whose_voxels_meet_unpruned_ones(where):
 
     x = _cloud(600, 4, extent=24)
     net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
-    add_voxel_prune(net, where, 0.5)
+    with pytest.raises(ValueError, match=rf"module_name '{where}' is .*would make every forward fail"):
+        add_voxel_prune(net, where, 0.5)  # (refused when added now; a VoxelPrune put there by hand:)
+    prune = ps.nn.VoxelPrune(0.5)
+    net.get_submodule(where).register_forward_pre_hook(lambda module, args: (prune(args[0]),) + args[1:])
     with pytest.raises(ValueError, match=r"(cat|add): item 1 .*VoxelPrune"):
         net(x)
     net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
@@ -1670,14 +1673,14 @@ def test_add_voxel_skip_refuses_a_module_add_voxel_prune_gave_a_pruner():
     to add them in, the model unchanged; a pruner above it is no matter."""
     from pointsparse.models import add_voxel_prune, add_voxel_skip, voxel_prunes
 
-    for pruned in ("fuse.1.0.main", "fuse.1.0.main.0"):
+    for pruned in ("fuse.1", "fuse.1.0"):
         net = MinkUNet(4, 3, cr=0.25, blocks=1)
         add_voxel_prune(net, pruned, 0.5)
         before = list(net.state_dict())
-        with pytest.raises(ValueError, match=rf"module_name 'fuse.1.0.main' holds the VoxelPrune add_voxel_prune put "
+        with pytest.raises(ValueError, match=rf"module_name 'fuse.1' holds the VoxelPrune add_voxel_prune put "
                                              rf"on {pruned!r}.*VoxelSkip before"):
-            add_voxel_skip(net, "fuse.1.0.main", 0.5)
-        assert list(net.state_dict()) == before and isinstance(net.fuse[1][0].main, torch.nn.Sequential)
+            add_voxel_skip(net, "fuse.1", 0.5)
+        assert list(net.state_dict()) == before and isinstance(net.fuse[1], torch.nn.Sequential)
         assert list(voxel_prunes(net)) == [pruned]
     net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
     add_voxel_prune(net, "fuse.1.0", 0.5)

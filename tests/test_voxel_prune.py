@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -112,13 +113,21 @@ def test_voxel_skip_names_a_voxel_prune_added_on_its_modules_input_or_after_it()
     "module must return a SparseTensor on the 80 kept sites ...; got 40
     sites", naming neither: the first is refused, the forward's error of the
     second names the VoxelPrune."""
-    from pointsparse.models import MinkUNet, add_voxel_prune
+    from pointsparse.models import add_voxel_prune
 
-    net = MinkUNet(4, 3, cr=0.25, blocks=1)
-    add_voxel_prune(net, "fuse.1.0.main.0", 0.5)
+    class Net(torch.nn.Module):  # (inside a ResidualBlock's main add_voxel_prune refuses it: every forward failed)
+        def __init__(self):
+            super().__init__()
+            self.main = torch.nn.Sequential(ps.nn.Conv3d(3, 3, 3), ps.nn.ReLU())
+
+        def forward(self, x):
+            return self.main(x)
+
+    net = Net()
+    add_voxel_prune(net, "main.0", 0.5)
     with pytest.raises(ValueError, match=r"VoxelSkip: module holds a VoxelPrune on the input of 'module.0' "
                                          r"\(add_voxel_prune's\).*VoxelSkip before adding VoxelPrune"):
-        ps.nn.VoxelSkip(net.fuse[1][0].main, 0.5)
+        ps.nn.VoxelSkip(net.main, 0.5)
     skip = ps.nn.VoxelSkip(torch.nn.Sequential(ps.nn.Conv3d(3, 3, 3)), 0.5)
     skip.module.append(ps.nn.VoxelPrune(0.5))
     with pytest.raises(ValueError, match=r"got \d+ sites at stride .*: the VoxelPrune 'module.1' inside it dropped "
@@ -1141,3 +1150,42 @@ def test_a_voxel_prunes_repr_shows_the_keep_ratio_a_threshold_leaves_unused():
     assert repr(ps.nn.VoxelPrune(0.25, threshold=0.0)) == \
         "VoxelPrune(threshold=0.0 (keep_ratio=0.25 unused), score='magnitude')"
     assert repr(ps.nn.VoxelPrune(0.25)) == "VoxelPrune(keep_ratio=0.25, score='magnitude')"
+
+
+@pytest.mark.parametrize("model", ["minkunet", "spvcnn"])
+def test_add_voxel_prune_refuses_a_module_whose_pruned_output_meets_unpruned_sites(model):
+    """add_voxel_prune took a module inside a ResidualBlock's main or shortcut, a MinkUNet's strided stage
+    (its input is the decoder's skip too) and an up stage past its transposed conv (its output meets the skip
+    in the cat): every forward then failed in the block's sum or the cat. They are refused when added, naming
+    where to prune instead; every module of the model add_voxel_prune takes runs its forward (MinkUNet: the
+    pruned input meets no other sites; SPVCNN's point branch may still find a point's voxel pruned)."""
+    from pointsparse.models import MinkUNet, SPVCNN, add_voxel_prune
+
+    make_net = (lambda: MinkUNet(4, 3, cr=0.125, blocks=1).eval()) if model == "minkunet" else \
+        (lambda: SPVCNN(4, 3, cr=0.125, blocks=1).eval())
+    pre = "" if model == "minkunet" else "unet."
+    for name, match in ((f"{pre}fuse.1.0.main.0", r"inside the main of the ResidualBlock '" + pre +
+                         r"fuse\.1\.0'.*prune the input of '" + pre + r"fuse\.1\.0' itself"),
+                        (f"{pre}down.0.1.shortcut", r"inside the shortcut of the ResidualBlock"),
+                        (f"{pre}down.2", r"decoder's skip"), (f"{pre}down.2.0", r"decoder's skip"),
+                        (f"{pre}down.2.0.0", r"decoder's skip"),
+                        (f"{pre}up.1.1", r"transposed conv '?" + pre + r"up\.1\.0"), (f"{pre}up.3.2", r"cat")):
+        net = make_net()
+        with pytest.raises(ValueError, match=rf"module_name '{re.escape(name)}' is .*{match}"):
+            add_voxel_prune(net, name, 0.5)
+        assert not hasattr(net, "voxel_prune")  # nothing registered
+    if model == "spvcnn":
+        return
+    coords = random_coords(600, 12, seed=4)
+    x = ps.SparseTensor(torch.randn(len(coords), 4), coords)
+    refused = 0
+    for name, _ in make_net().named_modules():
+        net = make_net()
+        try:
+            add_voxel_prune(net, name, 0.5)
+        except ValueError:
+            refused += 1
+            continue
+        with torch.no_grad():
+            assert net(x).feats.shape[1] == 3, name
+    assert refused > 0

@@ -27,7 +27,7 @@ from .._modes import evaluating
 from ..nn import Conv3d, VoxelPrune, VoxelSkip
 from ..nn.modules import _Pointwise, hooked_voxel_prune, inner_voxel_prune
 from ..tensor import SparseTensor, as_bool
-from .minkunet import MinkUNet
+from .minkunet import MinkUNet, ResidualBlock
 from .spvcnn import SPVCNN
 
 
@@ -165,6 +165,42 @@ def _in_skip_branch(model: nn.Module, module_name: str) -> str | None:
     return found
 
 
+def _meets_unpruned_sites(model: nn.Module, module_name: str) -> str | None:
+    """Why a VoxelPrune on the input of ``model``'s submodule
+    ``module_name`` would make every forward fail, as its output meets
+    sites that were not pruned (a ValueError in the sum or the ``cat``), or
+    None: a module inside a :class:`~pointsparse.models.ResidualBlock`'s
+    ``main`` or ``shortcut`` (the other branch keeps the block's input's
+    sites), or, in a MinkUNet (SPVCNN's ``unet``), a module whose input is
+    an encoder stage's output (``down.<i>``, its strided ConvBlock and
+    conv: that output is also the decoder's skip) or the output of an
+    ``up.<i>`` transposed conv (``up.<i>.1`` on: it meets the skip in the
+    ``cat``)."""
+    parts = module_name.split(".")
+    for i in range(1, len(parts)):
+        name = ".".join(parts[:i])
+        if isinstance(model.get_submodule(name), ResidualBlock) and parts[i] in ("main", "shortcut"):
+            other = "shortcut" if parts[i] == "main" else "main branch"
+            return (f"inside the {parts[i]} of the ResidualBlock {name!r}, whose sum with its {other} needs the "
+                    f"sites of the block's input: prune the input of {name!r} itself")
+    if isinstance(model, SPVCNN) and module_name.startswith("unet."):
+        rel, prefix = module_name[len("unet."):], "unet."
+    elif isinstance(model, MinkUNet):
+        rel, prefix = module_name, ""
+    else:
+        return None
+    parts = rel.split(".")
+    if len(parts) >= 2 and parts[0] == "down" and all(p == "0" for p in parts[2:]):
+        return (f"fed the output of the stage before {prefix}down.{parts[1]}, which is also the decoder's skip: the "
+                f"cat would meet the unpruned sites; prune the input of {prefix}down.{parts[1]}.1 (its first "
+                "residual block, at the new stride) or of a module of the stem or a fuse stage")
+    if len(parts) >= 3 and parts[0] == "up" and parts[2] != "0":
+        return (f"fed the output of the transposed conv {prefix}up.{parts[1]}.0, which the cat then joins to the "
+                f"skip's unpruned sites; prune the input of {prefix}up.{parts[1]} (or of a module of "
+                f"{prefix}fuse.{parts[1]})")
+    return None
+
+
 def _as_model_is(prune: VoxelPrune, module: nn.Module, model: nn.Module) -> None:
     """``prune`` (a learned score's scorer) moved to the device and dtype of
     ``module``'s weights, or ``model``'s where the module has none (a ReLU)."""
@@ -299,7 +335,12 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     a second one on its input pruned twice), a VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees), a
     module inside a VoxelSkip's branch (its ``module``, which must give back
     every site the VoxelSkip keeps: every forward failed) or
-    a name the model lacks is refused; wrap modules in VoxelSkip first (a
+    a name the model lacks is refused, and so is a module whose pruned
+    output would meet unpruned sites (every forward failed): one inside a
+    ResidualBlock's ``main`` or ``shortcut``, and in a MinkUNet (SPVCNN's
+    ``unet``) a strided stage's ``down.<i>`` / ``down.<i>.0`` (its input is
+    the decoder's skip too) and an ``up.<i>`` past its transposed conv
+    (its output meets the skip in the cat); wrap modules in VoxelSkip first (a
     module moved after would be recorded under a name its key no longer
     matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
     refused (it would run the registered pruners as a layer), and so is a
@@ -329,6 +370,10 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     if isinstance(module, VoxelSkip):
         raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
                          "ResidualBlock does), past any forward hook: prune the input of the module holding it")
+    meets = _meets_unpruned_sites(model, module_name)
+    if meets is not None:
+        raise ValueError(f"module_name {module_name!r} is {meets}; a VoxelPrune there would make every forward "
+                         "fail")
     if any(isinstance(h, _PruneInput) for h in module._forward_pre_hooks.values()):
         raise ValueError(f"{module_name!r} has a VoxelPrune already (add_voxel_prune)")
     prunes = model._modules.get(_PRUNES)
