@@ -490,18 +490,19 @@ def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: 
     AVX512-BF16 (the sums in float32, rounded once), with the residual and
     the ReLU in their store where the residual has the feats' dtype; CPU
     bfloat16 on a CPU without AVX512-BF16 in the float32 kernels on the
-    widened values, rounded once, the residual added after (eager
-    inference's "bf16 on float32"); the torch loop elsewhere, the residual
-    and the ReLU after."""
+    widened values, a residual of the feats' dtype widened into their
+    store, rounded once (eager inference's "bf16 on float32"); the torch
+    loop elsewhere, the residual and the ReLU after."""
     from .nn import _engine
 
     store = add is None or add.dtype == feats.dtype  # the kernels' store takes it
     if _bf16_served(feats, weight, bias) and not _engine.bf16_kernels():
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        fused_add, fused_relu = (add.float(), relu) if add is not None and store else (None, relu and add is None)
         out = _engine.conv_forward(feats.float().contiguous(), weight.float().contiguous(),
-                                   None if bias is None else bias.float(), plan,
-                                   relu=relu and add is None).to(torch.bfloat16)
-        if add is None:
+                                   None if bias is None else bias.float(), plan, relu=fused_relu,
+                                   add=fused_add).to(torch.bfloat16)
+        if store:
             return out
     elif _engine_runs(feats, weight) or _bf16_runs(feats, weight, bias):
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
@@ -742,20 +743,24 @@ conv_inference.register_autograd(_conv_inference_backward, setup_context=_conv_i
 def _widened(feats: Tensor, weight: Tensor, bias: Optional[Tensor], graph_args: tuple, add: Optional[Tensor],
              relu: bool, differentiated: bool, dtype: torch.dtype) -> Tensor:
     """``relu(conv + add)`` on ``feats``, ``weight`` and ``bias`` widened to
-    float32, rounded once to ``dtype``, the residual and the ReLU after (the
-    ReLU before the rounding where there is no residual: rounding keeps the
-    sign): eager's "bf16 on float32". :func:`conv` where a gradient is
-    needed (the rounding's backward rounds the gradients to the inputs'
-    dtypes), else :func:`conv_inference`. ``graph_args``: the operators'
-    ``(out_coords, in_idx, out_idx, sizes, key)``."""
+    float32, rounded once to ``dtype``: eager's "bf16 on float32". A
+    residual of ``dtype`` is widened too and summed before the ReLU and the
+    rounding (as eager's store sums it); one of another dtype is added
+    after, with the ReLU, as torch adds (promoted). :func:`conv` where a
+    gradient is needed (the rounding's backward rounds the gradients to the
+    inputs' dtypes), else :func:`conv_inference`. ``graph_args``: the
+    operators' ``(out_coords, in_idx, out_idx, sizes, key)``."""
     wide = (feats.float(), weight.float(), None if bias is None else bias.float())
+    inside = add is None or add.dtype == dtype  # (the residual summed in float32, before the rounding)
+    wide_add = None if add is None or not inside else add.float()
     if differentiated:
         out = conv(*wide, *graph_args)
-        out = torch.relu(out) if relu and add is None else out
+        out = out if wide_add is None else out + wide_add
+        out = torch.relu(out) if relu and inside else out
     else:
-        out = conv_inference(*wide, *graph_args, None, relu and add is None)
+        out = conv_inference(*wide, *graph_args, wide_add, relu and inside)
     out = out.to(dtype)
-    if add is not None:
+    if not inside:
         out = out + add
         out = torch.relu(out) if relu else out
     return out
@@ -1177,8 +1182,9 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
     in autocast's precision that is no bf16 inference without a region:
     what eager runs as "bf16 on float32"): :func:`conv_inference` (or, where
     a gradient is needed, :func:`conv`) on the feats, weight and bias
-    widened to float32, rounded once to the feats' dtype, the residual and
-    the ReLU after, as eager does (the bf16 kernels would sum in another
+    widened to float32 (a residual of the feats' dtype too, summed before
+    the ReLU), rounded once to the feats' dtype, as eager does (the bf16
+    kernels would sum in another
     order: other bits; a bf16 operator's gradients would run the torch
     loop in bf16)."""
     cache = graph_cache(input)

@@ -98,3 +98,50 @@ def test_a_bf16_conv_in_training_compiled_gives_eagers_bits():
         results.append((out.detach(), conv.weight.grad.clone(), conv.bias.grad.clone()))
     for eager, compiled in zip(*results):
         assert torch.equal(eager, compiled)
+
+
+def test_a_bf16_residual_is_summed_before_the_one_rounding_without_the_bf16_kernels(monkeypatch):
+    """Without AVX512-BF16 a bf16 inference conv's residual was added after its float32 sum had been rounded
+    to bf16: a second rounding, as large as the sum's, where the residual cancelled the sum (a fuzz day
+    seed's case, 20261208 #8 on an AMD Zen 3). The residual now joins the float32 store, widened, before the
+    ReLU and the one rounding, as the AVX512-BF16 kernels sum it: eager, the inference operator and a
+    compiled graph alike, bit for bit the float32 engine's sum rounded once; with a gradient too."""
+    monkeypatch.setattr(_ext.core, "conv_bf16", lambda: False)
+    coords = random_coords(700, 11, seed=9)
+    g = torch.Generator().manual_seed(10)
+    x = ps.SparseTensor((torch.randn(len(coords), 8, generator=g) * 4).bfloat16(), coords)
+    w = (torch.randn(27, 8, 16, generator=g) / 8 ** 0.5).bfloat16()
+    b = torch.randn(16, generator=g).bfloat16()
+    kmap = ps.kmap.get_kmap(x, 3)
+    summed = conv_sum(x.feats.double(), w.double(), kmap) + b.double()
+    magnitude = conv_sum(x.feats.double().abs(), w.double().abs(), kmap) + b.double().abs()
+    # a residual that cancels the sum but for a small part: the output is small beside the sum
+    res = ps.SparseTensor((-summed + 0.01 * torch.randn(summed.shape, generator=g).double()).bfloat16(),
+                          kmap.out_coords)
+    exact = torch.relu(summed + res.feats.double())
+    wide = F.conv3d(x.with_feats(x.feats.float()), w.float(), 3, bias=b.float(), relu=True,
+                    add=res.with_feats(res.feats.float())).feats.to(torch.bfloat16)
+    args = (x.feats, w, b, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, ps.ops.key_to_list(kmap.key))
+    with torch.no_grad():
+        eager = F.conv3d(x, w, 3, bias=b, relu=True, add=res).feats
+        op = ps.ops.conv_inference(*args, res.feats, True)
+        compiled = torch.compile(lambda s, r: F.conv3d(s, w, 3, bias=b, relu=True, add=r).feats,
+                                 backend="eager", fullgraph=True)(x, res)
+    for name, got in (("eager", eager), ("operator", op), ("compiled", compiled)):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, wide), name
+        # one rounding of the output (2^-9 of it) and float32's of the products' sum (2^-24 of each partial sum):
+        # not a bf16 one of the sum
+        off = (got.double() - exact).abs() - (2.0 ** -8 * exact.abs() + 2.0 ** -17 * magnitude)
+        assert float(off.max()) <= 0, name
+    # with a gradient (training: the float32 kernels on the widened values): eager's bits in the graph
+    wg = w.clone().requires_grad_()
+    rg = res.feats.clone().requires_grad_()
+    outs = []
+    for fn in (F.conv3d, torch.compile(F.conv3d, backend="aot_eager", fullgraph=True)):
+        wg.grad = rg.grad = None
+        out = fn(x, wg, 3, bias=b, relu=True, add=res.with_feats(rg)).feats
+        out.float().square().sum().backward()
+        outs.append((out.detach(), wg.grad.clone(), rg.grad.clone()))
+    for eager_t, compiled_t in zip(*outs):
+        assert torch.equal(eager_t, compiled_t)
+    assert torch.equal(outs[0][0], wide)

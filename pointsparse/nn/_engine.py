@@ -642,7 +642,8 @@ def bf16_kernels() -> bool:
 
 def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          kmap: _kmap.KernelMap, cache: "CoordinateCache | None" = None, relu: bool = False,
-                         region: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                         region: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                         add: torch.Tensor | None = None) -> torch.Tensor:
     """bf16 inference through the float32 kernels (a CPU without
     AVX512-BF16, or a kernel region): the bf16 inputs widen to float32
     exactly, so the products are exact and summed in float32 as
@@ -650,10 +651,18 @@ def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.
     So does a conv in autocast's precision (bf16 or fp16, whose products
     float32 holds exactly too) with autograd: the gradients in float32,
     rounded to the inputs' dtype by the widening's own backward
-    (``mask``: :func:`conv`'s, widened alike)."""
+    (``mask``: :func:`conv`'s, widened alike). ``add``: a residual of the
+    feats' dtype, widened too and summed in the float32 store before the
+    ReLU and the one rounding, as the AVX512-BF16 kernels sum it (added
+    after the rounding, it was rounded twice where it cancelled the sum)."""
     wide_bias = None if bias is None else bias.float()
     wide_mask = None if mask is None else mask.float()
-    return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region, wide_mask).to(feats.dtype)
+    if add is not None and (not isinstance(add, torch.Tensor) or add.dtype != feats.dtype):
+        raise TypeError(f"add must be a tensor of the feats' dtype ({feats.dtype}) or None; got "
+                        f"{add.dtype if isinstance(add, torch.Tensor) else type(add).__name__}")
+    wide_add = None if add is None else add.float()
+    return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region, wide_mask,
+                wide_add).to(feats.dtype)
 
 
 #: Largest density of listed bf16 vectors (offset, channel pair, 16 output

@@ -330,7 +330,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     path = _eager_path(input.feats, weight, bias, region, low)
     # The residual goes into the engine's store where it can (its dtype and
     # device); elsewhere it is added after, as functional.add adds.
-    fuse = residual is not None and path in ("engine", "bf16") and residual.dtype == input.feats.dtype \
+    fuse = residual is not None and path in ("engine", "bf16", "bf16 on float32") \
+        and residual.dtype == input.feats.dtype \
         and residual.device == input.feats.device
     relu_inside = relu and path != "torch" and (residual is None or fuse)
     if path == "bf16":  # bf16 inference on AVX512-BF16
@@ -338,7 +339,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
                                   add=residual if fuse else None)
     elif path == "bf16 on float32":  # the same sums in the float32 kernels
         feats = _engine.conv_bf16_on_float32(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside,
-                                             region=region, mask=weight_mask)
+                                             region=region, mask=weight_mask, add=residual if fuse else None)
     elif path == "engine":
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside, region=region,
                              mask=weight_mask, add=residual if fuse else None)
