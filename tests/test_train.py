@@ -2671,3 +2671,48 @@ def test_a_runs_label_map_file_gone_or_changed_is_named(tmp_path, capsys):
     assert f"--resume {ckpt}: the label map file {mapping} has changed since the run" in capsys.readouterr().err
     assert cli.main(evaluate) == 0
     assert "has changed since the run" not in capsys.readouterr().err
+
+
+def test_a_validation_that_scored_nothing_is_null_in_metrics_json_and_marked_on_the_curve(tmp_path, monkeypatch):
+    """A review: a NaN in the history's val_miou (a validation that scored nothing) was written into
+    metrics.json as a bare NaN (strict JSON readers refuse it), and the curve dropped the point with no mark,
+    as if that epoch had not been validated. The history's NaN and inf are null, and the curve marks such an
+    epoch on its axis, named in the legend."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from pointsparse.app import plots, scoring
+
+    history = {"step_loss": [2.0, float("inf"), 1.0], "epoch_loss": [1.5, 1.2, 1.1],
+               "val_miou": [0.2, float("nan"), 0.4], "val_epoch": [1, 2, 3], "step_time": [0.1, 0.1, 0.1],
+               "lr": [0.1, 0.1, 0.1]}
+    cm = metrics.confusion_matrix(np.array([0, 1]), np.array([0, 1]), 2)
+    scoring.write_report(tmp_path, cm, ["a", "b"], None, history, {"best_miou": float("nan")}, 255)
+    report = json.loads((tmp_path / "metrics.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert report["history"]["val_miou"] == [0.2, None, 0.4] and report["history"]["step_loss"] == [2.0, None, 1.0]
+    assert report["best_miou"] is None and report["miou"] == 1.0
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
+    plots.curves(history, "unused.png")
+    plots.curves(dict(history, val_miou=[0.2, 0.3, 0.4]), "unused.png")
+    marked = [[line for line in fig.axes[1].get_lines() if line.get_label().startswith("nothing scored")]
+              for fig in figs]
+    assert len(marked[0]) == 1 and list(marked[0][0].get_xdata()) == [2.0] and marked[1] == []
+
+
+def test_confusion_greys_the_row_of_a_class_with_no_true_points(monkeypatch):
+    """A review: a class absent from the labels drew a white row of zeros in confusion.png, which reads as a
+    class the model predicted nowhere. Its row is grey (masked) and its label says "(no points)"."""
+    pytest.importorskip("matplotlib")
+    from pointsparse.app import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
+    cm = metrics.confusion_matrix(np.array([0, 1, 2]), np.array([0, 0, 2]), 3)  # (pred, target)
+    plots.confusion(cm, ["road", "car", "tree"], "unused.png")
+    ax = figs[0].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["road", "car (no points)", "tree"]
+    data = ax.get_images()[0].get_array()
+    assert list(np.ma.getmaskarray(data).all(1)) == [False, True, False] and data[0, 0] == 50.0

@@ -88,8 +88,14 @@ def curves(history: dict, path) -> Path:
     ax1.legend()
     miou = history.get("val_miou", [])
     if miou:
-        epochs_at = history.get("val_epoch") or list(range(1, len(miou) + 1))
-        ax2.plot(epochs_at, 100 * np.asarray(miou, dtype=float), "o-")
+        epochs_at = np.asarray(history.get("val_epoch") or list(range(1, len(miou) + 1)), dtype=float)
+        values = 100 * np.asarray([np.nan if v is None else v for v in miou], dtype=float)
+        ax2.plot(epochs_at, values, "o-")
+        lost = ~np.isfinite(values)  # (a gap in the line alone, unmarked, read as an epoch not validated)
+        if lost.any():
+            ax2.plot(epochs_at[lost], np.zeros(int(lost.sum())), "x", color="tab:red", ms=8, clip_on=False,
+                     label="nothing scored (no mIoU)")
+            ax2.legend()
     ax2.set_xlabel("epoch")
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax2.set_ylabel("mIoU (%)")
@@ -100,15 +106,21 @@ def curves(history: dict, path) -> Path:
 
 
 def confusion(cm: np.ndarray, classes, path) -> Path:
-    """Row-normalised confusion matrix (rows: true class)."""
+    """Row-normalised confusion matrix (rows: true class). A class with no
+    true point has no row to normalise: its row is grey and its label says
+    "(no points)" (white, it read as a class predicted nowhere)."""
     plt = _plt()
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
+    absent = cm.sum(1) == 0
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.45 * n), max(4.5, 1.4 + 0.45 * n)))
-    im = ax.imshow(100 * norm, vmin=0, vmax=100, cmap="Blues")
+    shown = np.ma.masked_array(100 * norm, np.broadcast_to(absent[:, None], norm.shape))
+    cmap = plt.get_cmap("Blues").copy()
+    cmap.set_bad("0.8")
+    im = ax.imshow(shown, vmin=0, vmax=100, cmap=cmap)
     ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_yticks(range(n), [f"{c} (no points)" if a else str(c) for c, a in zip(classes, absent)], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 20:

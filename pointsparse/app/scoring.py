@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -232,6 +233,19 @@ def remove_files(out, names) -> list[str]:
     return removed
 
 
+def json_finite(value):
+    """``value`` (dicts, lists, tuples, numbers, strings) with each float
+    that is NaN or infinite replaced by None (JSON's null), for
+    ``json.dumps(..., allow_nan=False)``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_finite(v) for v in value]
+    return value
+
+
 def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
     """metrics.json and the PNGs (none, with a warning, where matplotlib
     cannot be imported); returns the metrics dictionary. The pictures are
@@ -261,7 +275,9 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
     report["pictures"] = pictures
     if history:
         report["history"] = history
-    text = (json.dumps(report, indent=1) + "\n").encode()
+    # (JSON has no NaN or inf: a validation that scored nothing, a diverged loss, wrote a bare NaN, which strict
+    # readers refuse; they are null, as metrics.summary's are)
+    text = (json.dumps(json_finite(report), indent=1, allow_nan=False) + "\n").encode()
     checkpoint.atomic_write(out / f"{prefix}metrics.json", lambda f: f.write(text))
     written = {"metrics", *pictures}
     remove_files(out, [prefix + name for name in REPORT_FILES if Path(name).stem not in written])
