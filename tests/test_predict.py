@@ -1277,3 +1277,21 @@ def test_eval_holds_one_cloud_at_a_time(tmp_path, monkeypatch, capsys):
     assert got["confusion"] == cm.tolist() and cm.sum() > 0
     with pytest.raises(TypeError, match="keep"):
         datasets.CloudFiles(list(map(str, paths)), keep="no")
+
+
+def test_eval_names_its_pictures_under_out_as_typed_as_train_does(tmp_path, monkeypatch, capsys):
+    """A review: eval's closing line named its pictures by metrics.json's absolute paths
+    (``/home/.../ev/eval-confusion.png``) while it named its metrics.json, and train named its pictures,
+    under ``--out`` as typed. The pictures are named as train names them."""
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(1)
+    xyz = (rng.random((1500, 3)) * 20).astype(np.float32)
+    np.savez(tmp_path / "c.npz", xyz=xyz, labels=rng.integers(0, 3, 1500))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", "--checkpoint", "m.pt", "--data", "c.npz", "--out", "ev", "--no-progress"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("metrics: "))
+    assert line == (f"metrics: {Path('ev', 'eval-metrics.json')}; pictures: {Path('ev', 'eval-confusion.png')}, "
+                    f"{Path('ev', 'eval-topdown.png')}"), line
+    report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    assert all(Path(p).is_absolute() for p in report["pictures"].values()) and ckpt.is_file()

@@ -29,7 +29,7 @@ from .clouds import (FittedClouds, TrainedFeatures, files_source, nonfinite_hold
 from .distributed import pick_device
 from .scoring import EVAL_PREFIX, _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
-                    require_labels)
+                    require_labels, shown_in)
 from .trainer import have_tqdm
 
 __all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "inference_model", "main"]
@@ -226,7 +226,9 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                                "data": spec, "inference": state.get("inference", args.inference),
                                "eval_time_s": elapsed,
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, EVAL_PREFIX)
-        print(f"metrics: {Path(args.out) / (EVAL_PREFIX + 'metrics.json')}; pictures: {', '.join(report['pictures'].values())}")
+        # (the pictures named as train names them: under --out as typed, not as metrics.json's absolute paths)
+        shown = ", ".join(str(shown_in(p, args.out)) for p in report["pictures"].values())
+        print(f"metrics: {Path(args.out) / (EVAL_PREFIX + 'metrics.json')}; pictures: {shown}")
     return 0
 
 
