@@ -47,7 +47,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import DEMO_CHECKPOINT, absent_checkpoint, environment, results_path, shown, write_markdown
+from _common import DEMO_CHECKPOINT, ROOT, absent_checkpoint, environment, results_path, shown, write_markdown
 
 from prune_speed import _flops, amc_cut
 
@@ -121,7 +121,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--criterion", default="l1")
     parser.add_argument("--epochs", type=int, default=None, help="more epochs for each model (default 5, --quick 1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/prune-finetune"))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "prune-finetune",
+                        help="the runs' folder (default runs/prune-finetune in the repository, beside the default "
+                             "checkpoint, from any working folder; a given one as typed)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one epoch each, in OUT-quick")
     parser.add_argument("--page", type=Path, default=None,
                         help="where the page goes (default bench/results/prune_finetune.md; --quick: a temporary folder)")
@@ -163,6 +165,7 @@ def main() -> None:
     args.epochs = args.epochs or (1 if args.quick else 5)
     args.amc_episodes = (3 if args.quick else 30) if args.amc_episodes is None else args.amc_episodes
     args.amc_warmup = (1 if args.quick else 10) if args.amc_warmup is None else args.amc_warmup
+    args.out_given = args.out  # (the page's command names it: --quick adds its suffix again)
     if args.quick:
         args.out = args.out.with_name(args.out.name + "-quick")
     state = load_state(args.checkpoint)
@@ -299,7 +302,7 @@ def write_page(args, state: dict, start: float, names, saved_rows: dict, held: d
                f"{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''}"
                f"{f' --offsets {args.offsets}' if args.offsets > 0 else ''}"
                f"{f' --eval-scenes {args.eval_scenes} --eval-inference {args.eval_inference}' if held else ''}"
-               f" --out {args.out}"
+               f" --out {shown(args.out_given)}"
                + (f" --page {args.page}" if args.page else "") + (" --quick" if args.quick else ""))
     output = args.page or results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",

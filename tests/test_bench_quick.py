@@ -1011,3 +1011,24 @@ def test_voxel_prune_report_describes_the_runs_as_they_were_fine_tuned(tmp_path,
     assert ("The runs differ in how they were fine-tuned: --steps 4 (unpruned seed 0), 4 (unpruned seed 1), "
             "4 (voxelprune seed 0), 120 (voxelprune seed 1).") in text
     assert "?: not recorded by runs made before result.json recorded it (--checkpoint, --batch," in text
+
+
+def test_prune_finetune_runs_in_the_repository_from_any_folder(tmp_path, monkeypatch):
+    """A review: bench/prune_finetune.py's default checkpoint is the repository's runs/demo, but its runs went to
+    runs/prune-finetune(-quick) under the folder it was started from. The default --out is the repository's
+    runs/prune-finetune too; a given one stays as typed."""
+    import importlib
+
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        pf = importlib.import_module("prune_finetune")
+        import _common
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prune_finetune.py", "--checkpoint", str(ckpt), "--quick"])
+    assert pf.parse_args().out == _common.ROOT / "runs" / "prune-finetune"
+    monkeypatch.setattr(sys, "argv", ["prune_finetune.py", "--checkpoint", str(ckpt), "--out", "here"])
+    assert pf.parse_args().out == Path("here")
