@@ -633,9 +633,14 @@ class SparseTensor:
         elif feats.shape[0] != coords.shape[0]:
             raise ValueError(f"SparseTensor: feats and coords must have one row per site; got {feats.shape[0]} and "
                              f"{coords.shape[0]} rows")
-        self._feats = feats
-        self._coords = coords
-        self._stride = stride
+        self._hold(feats, coords, stride, cache)
+
+    def _hold(self, feats: torch.Tensor, coords: torch.Tensor, stride: Triple,
+              cache: "CoordinateCache | None") -> None:
+        """The slots of a tensor (the constructor's last step, and all of
+        :meth:`with_feats`'s): ``cache`` (a new one for None) records
+        ``coords`` at ``stride``."""
+        self._feats, self._coords, self._stride = feats, coords, stride
         self.cache = cache if cache is not None else CoordinateCache()
         self.cache.set_coords(stride, coords)
 
@@ -722,8 +727,7 @@ class SparseTensor:
         # its output so, and torch.compile traced the constructor's Python at each one (15% of the bytecode
         # it traced for a MinkUNet, bench/RESULTS.md stop 78).
         out = object.__new__(SparseTensor)
-        out._feats, out._coords, out._stride, out.cache = feats, self._coords, self._stride, self.cache
-        self.cache.set_coords(self._stride, self._coords)
+        out._hold(feats, self._coords, self._stride, self.cache)
         return out
 
     def to(self, *args, **kwargs) -> "SparseTensor":
