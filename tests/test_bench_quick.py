@@ -1032,3 +1032,21 @@ def test_prune_finetune_runs_in_the_repository_from_any_folder(tmp_path, monkeyp
     assert pf.parse_args().out == _common.ROOT / "runs" / "prune-finetune"
     monkeypatch.setattr(sys, "argv", ["prune_finetune.py", "--checkpoint", str(ckpt), "--out", "here"])
     assert pf.parse_args().out == Path("here")
+
+
+def test_compile_counts_dynamos_steps_by_function(tmp_path):
+    """``bench/compile.py --count-steps``: the bytecode instructions dynamo traces to compile a small MinkUNet,
+    in all and by function (a figure RESULTS quoted from a throwaway script at stop 78). The page's rows add
+    up to at most the total, the package's own functions among them, the output checked against eager."""
+    script = str(benchmark.BENCH_DIR / "compile.py")
+    page = tmp_path / "steps.md"
+    proc = subprocess.run([sys.executable, script, "--count-steps", "--top", "4", "--out", str(page)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in page.read_text().splitlines() if line.startswith("| `")]
+    total = int(next(line for line in page.read_text().splitlines() if line.startswith("| **all**"))
+                .split("|")[2].strip(" *").replace(",", ""))
+    counts = [int(r.split("|")[2].replace(",", "")) for r in rows]
+    assert len(rows) == 4 and counts == sorted(counts, reverse=True) and 10_000 < total and sum(counts) <= total
+    assert any("pointsparse/" in r for r in rows)
