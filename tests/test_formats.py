@@ -617,6 +617,10 @@ BAD_PARTS = [
     ("bsr", {"block_ptr": T([0, 2, 9])}, ValueError, r"block_ptr\[-1\] must equal the number of blocks"),
     ("bsr", {"block_col": T([0, 3, 2, 0, 1, 2])}, ValueError, r"block_col must lie in \[0, 3\)"),
     ("bsr", {"block_col": T([0, 1])}, ValueError, "block_col must have one entry per block"),
+    # (a repeated block was summed by the products, an unsorted row taken: torch's BSR refuses both, as CSR does)
+    ("bsr", {"block_col": T([0, 2, 1, 0, 1, 2])}, ValueError,
+     r"block_col must be strictly increasing within each block row .* entry 2 \(1\) follows 2 in block row 0"),
+    ("bsr", {"block_col": T([0, 1, 2, 0, 2, 2])}, ValueError, "block_col must be strictly increasing"),
     ("bsr", {"values": torch.ones(5, 4)}, ValueError, "values must be 3-D"),
     ("ell", {"block_ptr": T([0, 2, 6])}, ValueError, "Block-ELL block_ptr must be i \\* E"),
     ("nm", {"positions": T([0x68, 0x4E, 0x4D, 0x48])}, ValueError,
@@ -864,15 +868,15 @@ def test_nnz_counts_from_the_stored_arrays_never_the_dense_matrix(monkeypatch):
     """``nnz`` made the whole dense matrix to count it: a 20000 x 20000 COO
     of 2 entries took 2.6 s and 1.6 GB (a formats review). It counts the
     stored arrays now, with the same meaning: the nonzeros of the matrix
-    held (a stored explicit zero not counted; BSR's repeated blocks, which
-    its products sum, counted as their sum)."""
+    held (a stored explicit zero not counted; Block-ELL's padding blocks at
+    block column 0, which its products sum, counted as their sum)."""
     for cls in (F.COO, F.BSR):
         monkeypatch.setattr(cls, "to_dense", lambda self: pytest.fail("nnz made the dense matrix"))
     big = F.COO(torch.tensor([0, 19999]), torch.tensor([0, 19999]), torch.tensor([1.0, 0.0]), (20000, 20000))
     assert big.nnz == 1
-    # two blocks stored at block (0, 0): [[1, 0], [0, 0]] + [[-1, 2], [0, 0]] = [[0, 2], [0, 0]]
+    # two Block-ELL blocks stored at block (0, 0): [[1, 0], [0, 0]] + [[-1, 2], [0, 0]] = [[0, 2], [0, 0]]
     twice = F.BSR(torch.tensor([0, 2]), torch.tensor([0, 0]),
-                  torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[-1.0, 2.0], [0.0, 0.0]]]), (2, 2))
+                  torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[-1.0, 2.0], [0.0, 0.0]]]), (2, 2), layout="ell")
     assert twice.nnz == 1
     assert F.CSR.from_dense(torch.zeros(0, 5)).nnz == 0 and F.CSC.from_dense(torch.zeros(3, 0)).nnz == 0
 

@@ -345,8 +345,9 @@ class SparseFormat:
         20000 x 20000 COO of 2 entries made its 1.6 GB). Explicit zeros
         stored (a format's padding, an N:M group's unused places) are not
         counted, unlike scipy's ``nnz`` and torch's ``_nnz()``, which count
-        stored entries; entries stored twice at one place (BSR's repeated
-        blocks, which its products sum) count once, as their sum."""
+        stored entries; entries stored twice at one place (Block-ELL's
+        padding blocks at block column 0, which its products sum) count
+        once, as their sum."""
         rows, cols, values = self._triplets()
         held = values != 0
         places = widen(rows)[held] * max(int(self.shape[1]), 1) + widen(cols)[held]

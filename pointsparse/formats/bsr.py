@@ -6,7 +6,8 @@ import torch
 
 from .. import _ext
 from ..tensor import as_int
-from ._base import SparseFormat, check_below, check_matrix, check_pointer, check_shape, index_array, value_array
+from ._base import (SparseFormat, check_ascending, check_below, check_matrix, check_pointer, check_shape, index_array,
+                    value_array)
 from ._storage import lines_of, narrow, widen
 
 _LAYOUTS = ("csr", "ell")
@@ -47,7 +48,8 @@ class BSR(SparseFormat):
     sides are not multiples of the block are stored whole (zero padded).
 
     Arrays: ``values`` (nb, br, bc), ``block_col`` (nb, width of the largest
-    block column), ``block_ptr`` (ceil(M / br) + 1, width of nb).
+    block column; strictly increasing within each block row, as torch's BSR
+    has them), ``block_ptr`` (ceil(M / br) + 1, width of nb).
     ``nbytes = nb * br * bc * itemsize + nb * w(max block col) +
     (ceil(M / br) + 1) * w(nb)``.
 
@@ -86,6 +88,8 @@ class BSR(SparseFormat):
             raise ValueError(f"block_col must have one entry per block ({nb}); got {block_col.numel()}")
         check_pointer(block_ptr, "block_ptr", mb, "ceil(M / br)", nb, "the number of blocks")
         check_below(block_col, "block_col", kb, "ceil(K / bc)")
+        if self.layout == "csr":  # (as CSR's columns and torch's BSR: a repeat was summed, an order unchecked)
+            check_ascending(lines_of(block_ptr), block_col, "block_col", "block row")
         if self.layout == "ell" and mb and bool((block_ptr != torch.arange(mb + 1) * (nb // mb)).any()):
             raise ValueError(f"a Block-ELL block_ptr must be i * E (every block row holds E = {nb // mb} "
                              f"blocks); got {block_ptr.tolist()[:8]}...")
