@@ -900,3 +900,15 @@ def test_a_format_multiplies_only_what_it_stores_so_inf_inputs_give_nan_in_fewer
             assert math.isnan(got), col
         else:
             assert got == 3.0, col
+
+
+def test_fkw_shape_is_its_matrix_view_and_to_dense_its_weight():
+    """A formats review found FKW's ``shape`` (the (C_out, C_in * V) matrix its matmul multiplies) unlike its
+    ``to_dense()`` (the weight, (C_out, C_in, *kernel)); the docstring says so, and this pins both."""
+    w = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
+    w[w.abs() < 0.5] = 0
+    f = F.FKW.from_dense(w)
+    assert f.shape == (4, 6) and f.weight_shape == (4, 3, 2) and torch.equal(f.to_dense(), w)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(f @ x, f.to_dense().reshape(f.shape) @ x)
+    assert "to_dense().reshape(shape)" in F.FKW.__doc__

@@ -68,7 +68,11 @@ class FKW(SparseFormat):
     ``nbytes = nnz * itemsize + n_k * w(max channel) + (C_out + 1) * w(n_k) +
     C_out * w(C_out - 1) + C_out * (n_p + 1) * w(max stride) + ceil(n_p * V / 8)``.
 
-    ``matmul`` multiplies the (C_out, C_in * V) matrix view (column c * V + v)."""
+    ``matmul`` multiplies the (C_out, C_in * V) matrix view (column c * V + v),
+    and ``shape`` is that view's, as every format's is its matrix's; only
+    ``to_dense()`` gives the weight in its own ``weight_shape`` (the other
+    formats give their matrix): ``to_dense().reshape(shape)`` is the
+    matrix ``matmul`` multiplies."""
 
     _values_name = "weight"
 
