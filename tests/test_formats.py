@@ -912,3 +912,65 @@ def test_fkw_shape_is_its_matrix_view_and_to_dense_its_weight():
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(f @ x, f.to_dense().reshape(f.shape) @ x)
     assert "to_dense().reshape(shape)" in F.FKW.__doc__
+
+
+def _torch_interop_cases():
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w[w.abs() < 0.7] = 0
+    w[:, 1::4] = 0
+    w[:, 2::4] = 0  # (2:4 already: NM takes it as it is)
+    return w, [(F.CSR, {}), (F.CSC, {}), (F.COO, {}), (F.BSR, {"blocksize": (2, 4)}),
+               (F.BSR, {"blocksize": (4, 3), "layout": "ell"}), (F.NM, {"n": 2, "m": 4}), (F.EIE, {"num_pe": 2}),
+               (F.FKW, {})]
+
+
+def test_formats_convert_to_and_from_torch_sparse_and_transpose_and_multiply_from_the_left():
+    """A formats review: no converter to or from torch.sparse, no ``.T``, no ``dense @ fmt``. Every format now
+    gives ``to_torch()`` (CSR / CSC their own compressed layouts, the others a coalesced COO), takes
+    ``from_torch`` of every torch sparse layout and of a dense tensor, transposes (``.T``: CSR <-> CSC on the
+    same arrays, the others a COO) and multiplies from the left, each against the dense matrix."""
+    w, cases = _torch_interop_cases()
+    x_left = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v_left = torch.randn(6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for cls, kwargs in cases:
+        f = cls.from_dense(w, **kwargs)
+        matrix = f.to_dense().reshape(f.shape)
+        assert torch.equal(matrix, w), cls
+        t = f.to_torch()
+        want_layout = {F.CSR: torch.sparse_csr, F.CSC: torch.sparse_csc}.get(cls, torch.sparse_coo)
+        assert t.layout == want_layout and t.dtype == torch.float64 and tuple(t.shape) == (6, 8)
+        assert torch.equal(t.to_dense(), w), cls
+        for source in (w, w.to_sparse_coo(), w.to_sparse_csr(), w.to_sparse_csc(), w.to_sparse_bsr((2, 2)),
+                       w.to_sparse_bsc((3, 4))):
+            g = cls.from_torch(source, **kwargs)
+            assert type(g) is cls and torch.equal(g.to_dense().reshape(g.shape), w), (cls, source.layout)
+        assert torch.equal(f.T.to_dense(), w.t()) and f.T.shape == (8, 6), cls
+        torch.testing.assert_close(x_left @ f, x_left @ w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v_left @ f, v_left @ w, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match=r"dense must be \(N, 6\) or \(6,\) to multiply a 6 x 8 .* from the left"):
+            torch.randn(5, 7, dtype=torch.float64) @ f
+    csr = F.CSR.from_dense(w)
+    assert type(csr.T) is F.CSC and csr.T.values.data_ptr() == csr.values.data_ptr() and type(csr.T.T) is F.CSR
+
+
+def test_from_torch_keeps_stored_zeros_sums_coo_repeats_and_refuses_what_is_no_matrix():
+    """from_torch takes a sparse tensor's stored entries as they are, as scipy's converters do: an explicit
+    zero stays stored (nnz does not count it), a COO's repeated entry is summed (coalesce); a tensor that is
+    no 2-D floating matrix is refused naming it."""
+    stored = torch.sparse_csr_tensor(torch.tensor([0, 2, 3]), torch.tensor([0, 2, 1]),
+                                     torch.tensor([1.0, 0.0, 3.0]), (2, 3))
+    csr = F.CSR.from_torch(stored)
+    assert csr.values.tolist() == [1.0, 0.0, 3.0] and csr.nnz == 2
+    repeated = torch.sparse_coo_tensor(torch.tensor([[0, 0, 1], [1, 1, 0]]), torch.tensor([1.0, 2.0, 4.0]), (2, 2))
+    assert F.COO.from_torch(repeated).to_dense().tolist() == [[0.0, 3.0], [4.0, 0.0]]
+    with pytest.raises(ValueError, match="2-D sparse matrix"):
+        F.CSR.from_torch(torch.eye(2).to_sparse_coo().unsqueeze(0))
+    with pytest.raises(ValueError, match="2-D sparse matrix"):
+        F.COO.from_torch(torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1, 3), (2, 3)))
+    with pytest.raises(TypeError, match="tensor must be a floating tensor"):
+        F.CSR.from_torch(torch.eye(3, dtype=torch.int64).to_sparse_csr())
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor"):
+        F.CSR.from_torch([[1.0]])
+    with pytest.raises(ValueError, match="meta"):
+        F.COO.from_torch(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0), (2, 2))
+                         .to("meta"))

@@ -59,6 +59,43 @@ def check_dense_size(tensor: torch.Tensor, name: str) -> None:
                       " as a dense tensor", " (from_dense reads every entry)")
 
 
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def _sparse_matrix(tensor) -> torch.Tensor | None:
+    """``tensor`` on the CPU where it is a 2-D torch sparse matrix of a
+    value dtype (no batch or dense dimensions), None where it is a strided
+    tensor (``from_dense``'s to check), a TypeError / ValueError naming it
+    otherwise."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.layout == torch.strided:
+        return None
+    if tensor.layout not in _SPARSE_LAYOUTS:
+        raise TypeError(f"tensor must be strided or of a torch sparse layout ({', '.join(map(str, _SPARSE_LAYOUTS))}); "
+                        f"got {tensor.layout}")
+    if tensor.device.type == "meta":
+        raise ValueError("tensor must hold data: a tensor on the meta device has only its shape")
+    if tensor.dim() != 2 or tensor.dense_dim() != 0:
+        raise ValueError(f"tensor must be a 2-D sparse matrix (no batch or dense dimensions); got shape "
+                         f"{tuple(tensor.shape)} with {tensor.dense_dim()} dense dimensions")
+    check_value_dtype(tensor, "tensor")
+    tensor = tensor.detach().to("cpu")
+    # (torch converts a block layout to no compressed one but through COO, which keeps its stored entries)
+    return tensor.to_sparse_coo() if tensor.layout in (torch.sparse_bsr, torch.sparse_bsc) else tensor
+
+
+def compressed_tensor(make, *args) -> torch.Tensor:
+    """``make(*args, check_invariants=False)`` (``torch.sparse_csr_tensor``
+    / ``sparse_csc_tensor`` of a format's checked arrays) without torch's
+    warning that its compressed layouts are in beta."""
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return make(*args, check_invariants=False)
+
+
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
     """A 2-D floating tensor, detached, on the CPU, contiguous (its dense
     size checked first: :func:`check_dense_size`)."""
@@ -318,6 +355,66 @@ class SparseFormat:
     @classmethod
     def from_dense(cls, tensor, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor, **kwargs):
+        """The format of a 2-D torch tensor's matrix: a sparse one (layouts
+        ``sparse_coo``, ``sparse_csr``, ``sparse_csc``, ``sparse_bsr``,
+        ``sparse_bsc``, as ``torch.sparse`` makes them, on any device) or a
+        dense one (:meth:`from_dense`'s; ``kwargs`` are its options). CSR,
+        CSC and COO take a sparse tensor's stored entries as they are
+        (explicit zeros kept, as scipy's converters keep them; a COO's
+        repeats summed by ``coalesce``) without a dense copy; the other
+        formats read the dense matrix (its size checked first, as
+        :meth:`from_dense` checks it)."""
+        matrix = _sparse_matrix(tensor)
+        if matrix is None:
+            return cls.from_dense(tensor, **kwargs)
+        return cls._from_sparse(matrix, **kwargs)
+
+    @classmethod
+    def _from_sparse(cls, matrix: torch.Tensor, **kwargs):
+        """:meth:`from_torch` of a checked 2-D sparse CPU ``matrix``: through
+        the dense matrix (CSR, CSC and COO: their own arrays)."""
+        M, K = matrix.shape
+        check_dense_bytes(M * K * matrix.element_size(),
+                          f"{cls.__name__}.from_torch of a {M} x {K} {matrix.layout} tensor ({matrix.dtype})",
+                          " as the dense matrix it reads")
+        return cls.from_dense(matrix.to_dense(), **kwargs)
+
+    def to_torch(self) -> torch.Tensor:
+        """The matrix as a torch sparse tensor of its ``shape`` and dtype:
+        CSR a ``sparse_csr`` tensor, CSC a ``sparse_csc`` one, the others a
+        coalesced ``sparse_coo`` one (entries stored twice, Block-ELL's
+        padding, summed) of their stored entries (explicit zeros kept, as
+        ``nnz`` does not count them); FKW's is its (C_out, C_in * V) matrix
+        view. ``to_torch().to_dense()`` equals ``to_dense()`` (FKW's
+        reshaped)."""
+        rows, cols, values = self._triplets()
+        indices = torch.stack([widen(rows), widen(cols)]) if len(values) else torch.zeros(2, 0, dtype=torch.int64)
+        return torch.sparse_coo_tensor(indices, values, tuple(self.shape), check_invariants=False).coalesce()
+
+    @property
+    def T(self) -> "SparseFormat":
+        """The transposed matrix as a format, no dense copy: CSR's is a CSC
+        and CSC's a CSR on the same arrays (as scipy's); the others' a COO
+        of their stored entries (entries stored twice summed)."""
+        from .csr import COO  # noqa: PLC0415 - csr imports this module
+
+        t = self.to_torch().t().coalesce()
+        return COO(t.indices()[0], t.indices()[1], t.values(), tuple(t.shape))
+
+    def __rmatmul__(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense @ self`` for dense (N, M) or (M,): ``(self.T @ dense.T).T``
+        (:meth:`matmul`'s checks, on the transposed format)."""
+        if not isinstance(dense, torch.Tensor):
+            return NotImplemented
+        if dense.dim() not in (1, 2) or dense.shape[-1] != self.shape[0]:
+            raise ValueError(f"dense must be (N, {self.shape[0]}) or ({self.shape[0]},) to multiply a "
+                             f"{self.shape[0]} x {self.shape[1]} {type(self).__name__} from the left; got shape "
+                             f"{tuple(dense.shape)}")
+        out = self.T.matmul(dense.t() if dense.dim() == 2 else dense)
+        return out.t() if dense.dim() == 2 else out
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, name: str = "weight", **kwargs):

@@ -6,7 +6,7 @@ import torch
 
 from .. import _ext
 from ._base import (SparseFormat, check_ascending, check_below, check_matrix, check_pointer, check_shape,
-                    index_array, value_array)
+                    compressed_tensor, index_array, value_array)
 from ._storage import lines_of, narrow, pointer_of, pointer_of_lines, widen
 
 
@@ -52,6 +52,19 @@ class CSR(SparseFormat):
         M, K = dense.shape
         rows, cols = dense.nonzero(as_tuple=True)
         return cls(pointer_of(torch.bincount(rows, minlength=M)), cols, dense[rows, cols], (M, K), _trusted=True)
+
+    @classmethod
+    def _from_sparse(cls, matrix: torch.Tensor) -> "CSR":
+        t = matrix.to_sparse_csr()
+        return cls(t.crow_indices(), t.col_indices(), t.values(), tuple(t.shape))
+
+    def to_torch(self) -> torch.Tensor:
+        return compressed_tensor(torch.sparse_csr_tensor, widen(self.row_ptr), widen(self.col_idx), self.values,
+                                 tuple(self.shape))
+
+    @property
+    def T(self) -> "CSC":
+        return CSC(self.row_ptr, self.col_idx, self.values, (self.shape[1], self.shape[0]), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "col_idx": self.col_idx, "row_ptr": self.row_ptr}
@@ -116,6 +129,19 @@ class CSC(SparseFormat):
         M, K = dense.shape
         cols, rows = dense.t().nonzero(as_tuple=True)
         return cls(pointer_of(torch.bincount(cols, minlength=K)), rows, dense[rows, cols], (M, K), _trusted=True)
+
+    @classmethod
+    def _from_sparse(cls, matrix: torch.Tensor) -> "CSC":
+        t = matrix.to_sparse_csc()
+        return cls(t.ccol_indices(), t.row_indices(), t.values(), tuple(t.shape))
+
+    def to_torch(self) -> torch.Tensor:
+        return compressed_tensor(torch.sparse_csc_tensor, widen(self.col_ptr), widen(self.row_idx), self.values,
+                                 tuple(self.shape))
+
+    @property
+    def T(self) -> CSR:
+        return CSR(self.col_ptr, self.row_idx, self.values, (self.shape[1], self.shape[0]), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "row_idx": self.row_idx, "col_ptr": self.col_ptr}
@@ -190,6 +216,11 @@ class COO(SparseFormat):
         dense = check_matrix(tensor)
         rows, cols = dense.nonzero(as_tuple=True)
         return cls(rows, cols, dense[rows, cols], dense.shape, _trusted=True)
+
+    @classmethod
+    def _from_sparse(cls, matrix: torch.Tensor) -> "COO":
+        t = matrix.to_sparse_coo().coalesce()
+        return cls(t.indices()[0], t.indices()[1], t.values(), tuple(t.shape))
 
     def arrays(self) -> dict:
         return {"values": self.values, "row_idx": self.row_idx, "col_idx": self.col_idx}
