@@ -1831,3 +1831,16 @@ def test_compress_warns_where_the_format_takes_more_bytes_than_the_dense_weight(
     for layer in fast:
         stored, plain = formats._format_bytes(layer)
         assert stored < plain
+
+
+def test_a_compressed_layers_weight_bytes_leave_its_bias_out():
+    """``weight_nbytes()``: the weight's storage alone, ``nbytes()`` that plus the bias (compress's warning
+    compared ``nbytes()`` less the bias, which any other state nbytes() came to hold would have thrown off)."""
+    for module in (_pruned_conv(), torch.nn.Linear(16, 8)):
+        if isinstance(module, torch.nn.Linear):
+            prune.l1_unstructured(module, "weight", 0.8)
+        layer = F.compress(module, "csr")
+        bias = layer.bias.numel() * layer.bias.element_size()
+        fmt = layer.weight_format if hasattr(layer, "weight_format") else layer.offsets
+        stored = fmt.nbytes() if hasattr(fmt, "nbytes") else sum(f.nbytes() for f in fmt)
+        assert layer.weight_nbytes() == stored and layer.nbytes() == stored + bias

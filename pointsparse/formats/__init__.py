@@ -182,15 +182,14 @@ def _compress_layer(module, cls, example_input, kwargs: dict, execution: str | N
 def _format_bytes(layer) -> tuple[int, int]:
     """(bytes of the weight in its format, bytes of the same weight dense
     in its dtype) of a compressed layer."""
-    bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
     dense = layer.dense_weight if isinstance(layer, SparseLinear) else layer.engine_weight
-    return layer.nbytes() - bias, dense.numel() * dense.element_size()
+    return layer.weight_nbytes(), dense.numel() * dense.element_size()
 
 
 def _warn_larger_than_dense(layers: list, cls) -> None:
     """A UserWarning naming the compressed layers whose weight takes more
-    bytes in the format than dense (``nbytes()`` against the dense weight's
-    bytes): too dense for the format, which then saves nothing (a user
+    bytes in the format than dense (``weight_nbytes()`` against the dense
+    weight's bytes): too dense for the format, which then saves nothing (a user
     compressing to save memory or file size met no sign of it)."""
     import warnings
 

@@ -263,10 +263,14 @@ class SparseLinear(_HoldsNoWeight, nn.Module):
             y = y if low is None else y.to(low)
             return y.reshape(*lead, self.out_features)
 
+    def weight_nbytes(self) -> int:
+        """The weight's storage in its format alone."""
+        return self.weight_format.nbytes()
+
     def nbytes(self) -> int:
         """Weight format storage plus the bias."""
         extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return self.weight_format.nbytes() + extra
+        return self.weight_nbytes() + extra
 
     def get_extra_state(self):
         return {"weight_format": format_data(self.weight_format), "execution": self.execution,
@@ -800,12 +804,16 @@ class SparseConv3d(SparseBackwardHooks, _HoldsNoWeight, nn.Module):
             out += conv_sum(feats, weight.masked_fill(weight.isfinite(), 0).to(feats.dtype), kmap)
         return out
 
+    def weight_nbytes(self) -> int:
+        """The weight's storage (all offsets) alone."""
+        if isinstance(self.offsets, FKW):
+            return self.offsets.nbytes()
+        return sum(f.nbytes() for f in self.offsets)
+
     def nbytes(self) -> int:
         """Weight storage (all offsets) plus the bias."""
         extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        if isinstance(self.offsets, FKW):
-            return self.offsets.nbytes() + extra
-        return sum(f.nbytes() for f in self.offsets) + extra
+        return self.weight_nbytes() + extra
 
     def train(self, mode: bool = True):
         warn_training(self, mode)
