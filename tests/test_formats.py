@@ -904,14 +904,14 @@ def test_a_format_multiplies_only_what_it_stores_so_inf_inputs_give_nan_in_fewer
 
 def test_fkw_shape_is_its_matrix_view_and_to_dense_its_weight():
     """A formats review found FKW's ``shape`` (the (C_out, C_in * V) matrix its matmul multiplies) unlike its
-    ``to_dense()`` (the weight, (C_out, C_in, *kernel)); the docstring says so, and this pins both."""
+    ``to_dense()`` (the weight, (C_out, C_in, *kernel)); the docstring says so, and this pins both: the
+    matrix view is what the product multiplies."""
     w = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
     w[w.abs() < 0.5] = 0
     f = F.FKW.from_dense(w)
     assert f.shape == (4, 6) and f.weight_shape == (4, 3, 2) and torch.equal(f.to_dense(), w)
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(f @ x, f.to_dense().reshape(f.shape) @ x)
-    assert "to_dense().reshape(shape)" in F.FKW.__doc__
 
 
 def _torch_interop_cases():
@@ -974,3 +974,30 @@ def test_from_torch_keeps_stored_zeros_sums_coo_repeats_and_refuses_what_is_no_m
     with pytest.raises(ValueError, match="meta"):
         F.COO.from_torch(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0), (2, 2))
                          .to("meta"))
+
+
+def test_to_torch_keeps_the_stored_zeros_of_the_formats_that_store_them_and_names_left_products_as_such():
+    """A review: to_torch()'s docstring said every format kept its explicit zeros, but BSR and EIE give their
+    nonzeros; and ``X @ W``'s errors named the transposed format (``CSC.matmul gives no gradient`` for a CSR)
+    while from_torch of a COO printed torch's beta warning for its compressed layouts."""
+    import warnings
+
+    w = torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 3.0, 0.0]])
+    stored_zero = F.CSR(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 2]), torch.tensor([1.0, 0.0, 3.0]), (2, 4))
+    assert stored_zero.to_torch().values().tolist() == [1.0, 0.0, 3.0]
+    nm = F.NM.from_dense(w, n=2, m=4)
+    assert nm.to_torch()._nnz() == 4 and torch.equal(nm.to_torch().to_dense(), w)  # (each group's explicit zero)
+    for fmt in (F.BSR.from_dense(w, blocksize=2), F.EIE.from_dense(w, num_pe=2)):
+        t = fmt.to_torch()
+        assert t._nnz() == 3 and torch.equal(t.to_dense(), w), type(fmt).__name__
+    with pytest.raises(RuntimeError, match=r"dense @ CSR gives no gradient"):
+        torch.ones(3, 2).requires_grad_() @ stored_zero
+    with pytest.raises(TypeError, match=r"dense must have dtype torch.float32"):
+        torch.ones(3, 2, dtype=torch.float64) @ stored_zero
+    out = torch.ones(3, 2) @ stored_zero
+    assert out.is_contiguous() and out.tolist() == [[1.0, 0.0, 3.0, 0.0]] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.CSR.from_torch(w.to_sparse_coo())
+        F.CSC.from_torch(w.to_sparse_coo())
+        F.CSR.from_dense(w).to_torch()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -455,7 +457,7 @@ def test_minkunet_names_a_voxel_prune_whose_voxels_meet_unpruned_ones(where):
 
     x = _cloud(600, 4, extent=24)
     net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
-    with pytest.raises(ValueError, match=rf"module_name '{where}' is .*would make every forward fail"):
+    with pytest.raises(ValueError, match=rf"module_name '{re.escape(where)}' is .*would make every forward fail"):
         add_voxel_prune(net, where, 0.5)  # (refused when added now; a VoxelPrune put there by hand:)
     prune = ps.nn.VoxelPrune(0.5)
     net.get_submodule(where).register_forward_pre_hook(lambda module, args: (prune(args[0]),) + args[1:])

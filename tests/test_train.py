@@ -2687,11 +2687,12 @@ def test_a_validation_that_scored_nothing_is_null_in_metrics_json_and_marked_on_
                "val_miou": [0.2, float("nan"), 0.4], "val_epoch": [1, 2, 3], "step_time": [0.1, 0.1, 0.1],
                "lr": [0.1, 0.1, 0.1]}
     cm = metrics.confusion_matrix(np.array([0, 1]), np.array([0, 1]), 2)
-    scoring.write_report(tmp_path, cm, ["a", "b"], None, history, {"best_miou": float("nan")}, 255)
+    scoring.write_report(tmp_path, cm, ["a", "b"], None, history,
+                         {"best_miou": float("nan"), "scores": np.array([0.5, np.nan], dtype=np.float32)}, 255)
     report = json.loads((tmp_path / "metrics.json").read_text(),
                         parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert report["history"]["val_miou"] == [0.2, None, 0.4] and report["history"]["step_loss"] == [2.0, None, 1.0]
-    assert report["best_miou"] is None and report["miou"] == 1.0
+    assert report["best_miou"] is None and report["miou"] == 1.0 and report["scores"] == [0.5, None]
     figs = []
     monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
     plots.curves(history, "unused.png")

@@ -1176,6 +1176,18 @@ def test_add_voxel_prune_refuses_a_module_whose_pruned_output_meets_unpruned_sit
         assert not hasattr(net, "voxel_prune")  # nothing registered
     if model == "spvcnn":
         return
+
+    class Wrapper(torch.nn.Module):  # (a MinkUNet a user's model holds: the same rules under its name)
+        def __init__(self):
+            super().__init__()
+            self.backbone = make_net()
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    with pytest.raises(ValueError, match=r"module_name 'backbone\.down\.1\.0' is .*prune the input of "
+                                         r"backbone\.down\.1\.1"):
+        add_voxel_prune(Wrapper(), "backbone.down.1.0", 0.5)
     coords = random_coords(600, 12, seed=4)
     x = ps.SparseTensor(torch.randn(len(coords), 4), coords)
     refused = 0

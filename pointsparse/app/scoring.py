@@ -234,9 +234,12 @@ def remove_files(out, names) -> list[str]:
 
 
 def json_finite(value):
-    """``value`` (dicts, lists, tuples, numbers, strings) with each float
-    that is NaN or infinite replaced by None (JSON's null), for
-    ``json.dumps(..., allow_nan=False)``."""
+    """``value`` (dicts, lists, tuples, Python, numpy and 0-d or n-d torch
+    numbers, strings) as plain Python values, each float that is NaN or
+    infinite replaced by None (JSON's null), for ``json.dumps(...,
+    allow_nan=False)``."""
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):
+        value = value.tolist()  # (Python numbers and lists of them: numpy's and torch's are no JSON)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

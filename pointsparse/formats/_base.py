@@ -85,15 +85,15 @@ def _sparse_matrix(tensor) -> torch.Tensor | None:
     return tensor.to_sparse_coo() if tensor.layout in (torch.sparse_bsr, torch.sparse_bsc) else tensor
 
 
-def compressed_tensor(make, *args) -> torch.Tensor:
-    """``make(*args, check_invariants=False)`` (``torch.sparse_csr_tensor``
-    / ``sparse_csc_tensor`` of a format's checked arrays) without torch's
-    warning that its compressed layouts are in beta."""
+def without_beta_warning(make, *args, **kwargs):
+    """``make(*args, **kwargs)`` (torch's constructors and converters of its
+    compressed sparse layouts, on a format's checked arrays) without torch's
+    warning that those layouts are in beta."""
     import warnings  # noqa: PLC0415
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return make(*args, check_invariants=False)
+        return make(*args, **kwargs)
 
 
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
@@ -385,10 +385,11 @@ class SparseFormat:
     def to_torch(self) -> torch.Tensor:
         """The matrix as a torch sparse tensor of its ``shape`` and dtype:
         CSR a ``sparse_csr`` tensor, CSC a ``sparse_csc`` one, the others a
-        coalesced ``sparse_coo`` one (entries stored twice, Block-ELL's
-        padding, summed) of their stored entries (explicit zeros kept, as
-        ``nnz`` does not count them); FKW's is its (C_out, C_in * V) matrix
-        view. ``to_torch().to_dense()`` equals ``to_dense()`` (FKW's
+        coalesced ``sparse_coo`` one (entries stored twice summed). CSR,
+        CSC, COO and N:M give their stored entries, explicit zeros kept (an
+        N:M group's unused places too); BSR, EIE and FKW their nonzeros (not
+        a block's or a run's zero fillers); FKW's is its (C_out, C_in * V)
+        matrix view. ``to_torch().to_dense()`` equals ``to_dense()`` (FKW's
         reshaped)."""
         rows, cols, values = self._triplets()
         indices = torch.stack([widen(rows), widen(cols)]) if len(values) else torch.zeros(2, 0, dtype=torch.int64)
@@ -406,15 +407,26 @@ class SparseFormat:
 
     def __rmatmul__(self, dense: torch.Tensor) -> torch.Tensor:
         """``dense @ self`` for dense (N, M) or (M,): ``(self.T @ dense.T).T``
-        (:meth:`matmul`'s checks, on the transposed format)."""
+        (:meth:`matmul`'s checks, named as this product), a contiguous
+        (N, K) or (K,)."""
         if not isinstance(dense, torch.Tensor):
             return NotImplemented
+        check_data(dense, "dense")
+        what = f"dense @ {type(self).__name__}"
         if dense.dim() not in (1, 2) or dense.shape[-1] != self.shape[0]:
             raise ValueError(f"dense must be (N, {self.shape[0]}) or ({self.shape[0]},) to multiply a "
                              f"{self.shape[0]} x {self.shape[1]} {type(self).__name__} from the left; got shape "
                              f"{tuple(dense.shape)}")
+        if dense.dtype != self.dtype:
+            raise TypeError(f"dense must have dtype {self.dtype} like the weight; got {dense.dtype}")
+        if _ext.needs_grad(dense):
+            raise RuntimeError(f"{what} gives no gradient for dense, which requires one; run it under "
+                               "torch.no_grad() or pass dense.detach()")
+        if _ext.carries_tangent(dense):
+            raise RuntimeError(f"{what} gives no tangent for dense, which carries a forward-mode one "
+                               "(torch.func.jvp, torch.autograd.forward_ad); pass a plain tensor")
         out = self.T.matmul(dense.t() if dense.dim() == 2 else dense)
-        return out.t() if dense.dim() == 2 else out
+        return out.t().contiguous() if dense.dim() == 2 else out
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, name: str = "weight", **kwargs):

@@ -48,8 +48,8 @@ class BSR(SparseFormat):
     sides are not multiples of the block are stored whole (zero padded).
 
     Arrays: ``values`` (nb, br, bc), ``block_col`` (nb, width of the largest
-    block column; strictly increasing within each block row, as torch's BSR
-    has them), ``block_ptr`` (ceil(M / br) + 1, width of nb).
+    block column; in layout csr strictly increasing within each block row,
+    as torch's BSR has them), ``block_ptr`` (ceil(M / br) + 1, width of nb).
     ``nbytes = nb * br * bc * itemsize + nb * w(max block col) +
     (ceil(M / br) + 1) * w(nb)``.
 

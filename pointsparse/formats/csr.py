@@ -6,7 +6,7 @@ import torch
 
 from .. import _ext
 from ._base import (SparseFormat, check_ascending, check_below, check_matrix, check_pointer, check_shape,
-                    compressed_tensor, index_array, value_array)
+                    index_array, value_array, without_beta_warning)
 from ._storage import lines_of, narrow, pointer_of, pointer_of_lines, widen
 
 
@@ -55,12 +55,12 @@ class CSR(SparseFormat):
 
     @classmethod
     def _from_sparse(cls, matrix: torch.Tensor) -> "CSR":
-        t = matrix.to_sparse_csr()
+        t = without_beta_warning(matrix.to_sparse_csr)
         return cls(t.crow_indices(), t.col_indices(), t.values(), tuple(t.shape))
 
     def to_torch(self) -> torch.Tensor:
-        return compressed_tensor(torch.sparse_csr_tensor, widen(self.row_ptr), widen(self.col_idx), self.values,
-                                 tuple(self.shape))
+        return without_beta_warning(torch.sparse_csr_tensor, widen(self.row_ptr), widen(self.col_idx), self.values,
+                                    tuple(self.shape), check_invariants=False)
 
     @property
     def T(self) -> "CSC":
@@ -132,12 +132,12 @@ class CSC(SparseFormat):
 
     @classmethod
     def _from_sparse(cls, matrix: torch.Tensor) -> "CSC":
-        t = matrix.to_sparse_csc()
+        t = without_beta_warning(matrix.to_sparse_csc)
         return cls(t.ccol_indices(), t.row_indices(), t.values(), tuple(t.shape))
 
     def to_torch(self) -> torch.Tensor:
-        return compressed_tensor(torch.sparse_csc_tensor, widen(self.col_ptr), widen(self.row_idx), self.values,
-                                 tuple(self.shape))
+        return without_beta_warning(torch.sparse_csc_tensor, widen(self.col_ptr), widen(self.row_idx), self.values,
+                                    tuple(self.shape), check_invariants=False)
 
     @property
     def T(self) -> CSR:

@@ -171,7 +171,8 @@ def _meets_unpruned_sites(model: nn.Module, module_name: str) -> str | None:
     sites that were not pruned (a ValueError in the sum or the ``cat``), or
     None: a module inside a :class:`~pointsparse.models.ResidualBlock`'s
     ``main`` or ``shortcut`` (the other branch keeps the block's input's
-    sites), or, in a MinkUNet (SPVCNN's ``unet``), a module whose input is
+    sites), or, in a MinkUNet (the model, SPVCNN's ``unet``, one a wrapper
+    holds), a module whose input is
     an encoder stage's output (``down.<i>``, its strided ConvBlock and
     conv: that output is also the decoder's skip) or the output of an
     ``up.<i>`` transposed conv (``up.<i>.1`` on: it meets the skip in the
@@ -183,12 +184,14 @@ def _meets_unpruned_sites(model: nn.Module, module_name: str) -> str | None:
             other = "shortcut" if parts[i] == "main" else "main branch"
             return (f"inside the {parts[i]} of the ResidualBlock {name!r}, whose sum with its {other} needs the "
                     f"sites of the block's input: prune the input of {name!r} itself")
-    if isinstance(model, SPVCNN) and module_name.startswith("unet."):
-        rel, prefix = module_name[len("unet."):], "unet."
-    elif isinstance(model, MinkUNet):
-        rel, prefix = module_name, ""
-    else:
+    # (the innermost MinkUNet holding the module: the model, SPVCNN's unet, one inside a user's wrapper)
+    prefix = None
+    for i in range(len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), MinkUNet):
+            prefix = "".join(p + "." for p in parts[:i])
+    if prefix is None:
         return None
+    rel = module_name[len(prefix):]
     parts = rel.split(".")
     if len(parts) >= 2 and parts[0] == "down" and all(p == "0" for p in parts[2:]):
         return (f"fed the output of the stage before {prefix}down.{parts[1]}, which is also the decoder's skip: the "

@@ -660,6 +660,9 @@ def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.
     if add is not None and (not isinstance(add, torch.Tensor) or add.dtype != feats.dtype):
         raise TypeError(f"add must be a tensor of the feats' dtype ({feats.dtype}) or None; got "
                         f"{add.dtype if isinstance(add, torch.Tensor) else type(add).__name__}")
+    if add is not None and add.shape != (kmap.num_out, weight.shape[2]):  # (before the widening: named as given)
+        raise ValueError(f"add must be ({kmap.num_out}, {weight.shape[2]}) {feats.dtype} (the output's shape); got "
+                         f"{tuple(add.shape)} {add.dtype}")
     wide_add = None if add is None else add.float()
     return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region, wide_mask,
                 wide_add).to(feats.dtype)
