@@ -194,10 +194,18 @@ def test_netadapt_cuts_the_channels_of_an_spvcnn_checkpoint(spvcnn_run, tmp_path
     model = task.trained_model()
     assert NA.measure_latency(model, task.example_input, 1) > 0
     monkeypatch.setattr(NA, "measure_latency", lambda net, example, repeats=7: 1e-6 * _params(net))
-    with pytest.warns(RuntimeWarning, match="could not meet the latency budget"):  # (of 0.99: one step of 0.005)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
         res = NA.netadapt(model, None, task.train_fn, task.eval_fn, task.example_input, 0.99,
                           initial_reduction=0.005, short_steps=1, long_steps=1, max_iterations=1)
     assert len(res.history) == 1 and res.measured_latency < res.initial_latency
+    # (one step of 0.005 toward a budget of 0.99: the group it cuts, chosen by a fine-tuned accuracy that
+    # follows the RNG's state, may or may not reach it; it warns exactly where it does not)
+    missed = res.measured_latency > 0.99 * res.initial_latency
+    warned = any("could not meet the latency budget" in str(w.message) for w in caught)
+    assert warned == missed, (res.measured_latency / res.initial_latency, [str(w.message) for w in caught])
     _check_cut(spvcnn_run, state, res.model, tmp_path)
 
 
