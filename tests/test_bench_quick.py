@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pointsparse.app import benchmark, cli
 from reference import ROOT
+from test_bench_checks import _bench_module
 
 # Runs each script as __main__ with ArgumentParser.parse_args replaced by a probe
 # that parses ["--quick"] with the script's own parser and stops the script there.
@@ -240,13 +241,8 @@ def test_prune_finetune_keeps_each_models_rows_across_amounts(tmp_path):
     rows (and held-out scores) where its key starts as this run's, and
     loses them for another budget."""
     import argparse
-    import importlib
 
-    sys.path.insert(0, str(benchmark.BENCH_DIR))
-    try:
-        pf = importlib.import_module("prune_finetune")
-    finally:
-        sys.path.remove(str(benchmark.BENCH_DIR))
+    pf = _bench_module("prune_finetune")
     ckpt = tmp_path / "checkpoint.pt"
     args = argparse.Namespace(checkpoint=ckpt, epochs=60, ratio=0.5, criterion="l1", amc_episodes=0, amc_warmup=10,
                               vectors=0.85, square=False, pairs=True, panels=1, offsets=0.0)
@@ -1017,14 +1013,7 @@ def test_prune_finetune_runs_in_the_repository_from_any_folder(tmp_path, monkeyp
     """A review: bench/prune_finetune.py's default checkpoint is the repository's runs/demo, but its runs went to
     runs/prune-finetune(-quick) under the folder it was started from. The default --out is the repository's
     runs/prune-finetune too; a given one stays as typed."""
-    import importlib
-
-    sys.path.insert(0, str(benchmark.BENCH_DIR))
-    try:
-        pf = importlib.import_module("prune_finetune")
-        import _common
-    finally:
-        sys.path.remove(str(benchmark.BENCH_DIR))
+    pf, _common = _bench_module("prune_finetune"), _bench_module("_common")
     ckpt = tmp_path / "checkpoint.pt"
     ckpt.write_bytes(b"")
     monkeypatch.chdir(tmp_path)
