@@ -1188,6 +1188,10 @@ def test_add_voxel_prune_refuses_a_module_whose_pruned_output_meets_unpruned_sit
     with pytest.raises(ValueError, match=r"module_name 'backbone\.down\.1\.0' is .*prune the input of "
                                          r"backbone\.down\.1\.1"):
         add_voxel_prune(Wrapper(), "backbone.down.1.0", 0.5)
+    from pointsparse.models import ResidualBlock  # (a model that is a ResidualBlock: its own main too)
+    with pytest.raises(ValueError, match=r"module_name 'main\.0' is inside the main of the ResidualBlock the model "
+                                         r"is.*prune the model's input"):
+        add_voxel_prune(ResidualBlock(3, 3), "main.0", 0.5)
     coords = random_coords(600, 12, seed=4)
     x = ps.SparseTensor(torch.randn(len(coords), 4), coords)
     refused = 0

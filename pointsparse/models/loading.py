@@ -115,17 +115,23 @@ def _never_called(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
+def _ancestors(model: nn.Module, module_name: str):
+    """``(name, module, part)`` of each module above the submodule
+    ``module_name`` of ``model``, outermost first (``""``: the model
+    itself), ``part`` the next part of ``module_name`` below it."""
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[:i])
+        yield name, model.get_submodule(name), parts[i]
+
+
 def _feats_holder(model: nn.Module, module_name: str) -> str | None:
     """The name of the outermost layer above ``module_name`` in ``model``
     (``""``: the model itself) that runs its children on its feats, a plain
     tensor (a pointsparse.nn pointwise layer's ``fn``: ``Linear``,
     ``ReLU``...; a VoxelPrune's ``scorer``), or None."""
-    parts = module_name.split(".")
-    for i in range(len(parts)):
-        name = ".".join(parts[:i])
-        if isinstance(model.get_submodule(name), (_Pointwise, VoxelPrune)):
-            return name
-    return None
+    return next((name for name, module, _ in _ancestors(model, module_name)
+                 if isinstance(module, (_Pointwise, VoxelPrune))), None)
 
 
 def _check_runs_voxels(model: nn.Module, module_name: str, module: nn.Module, uncalled: str, point: str) -> None:
@@ -157,10 +163,9 @@ def _in_skip_branch(model: nn.Module, module_name: str) -> str | None:
     """The name of the innermost VoxelSkip of ``model`` whose branch (its
     ``module``) holds the submodule ``module_name`` (``""``: the model
     itself), or None."""
-    parts, found = module_name.split("."), None
-    for i in range(len(parts)):
-        name = ".".join(parts[:i])
-        if isinstance(model.get_submodule(name), VoxelSkip) and parts[i] == "module":
+    found = None
+    for name, module, part in _ancestors(model, module_name):
+        if isinstance(module, VoxelSkip) and part == "module":
             found = name
     return found
 
@@ -177,22 +182,19 @@ def _meets_unpruned_sites(model: nn.Module, module_name: str) -> str | None:
     conv: that output is also the decoder's skip) or the output of an
     ``up.<i>`` transposed conv (``up.<i>.1`` on: it meets the skip in the
     ``cat``)."""
-    parts = module_name.split(".")
-    for i in range(1, len(parts)):
-        name = ".".join(parts[:i])
-        if isinstance(model.get_submodule(name), ResidualBlock) and parts[i] in ("main", "shortcut"):
-            other = "shortcut" if parts[i] == "main" else "main branch"
-            return (f"inside the {parts[i]} of the ResidualBlock {name!r}, whose sum with its {other} needs the "
-                    f"sites of the block's input: prune the input of {name!r} itself")
-    # (the innermost MinkUNet holding the module: the model, SPVCNN's unet, one inside a user's wrapper)
-    prefix = None
-    for i in range(len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), MinkUNet):
-            prefix = "".join(p + "." for p in parts[:i])
+    prefix = None  # (the innermost MinkUNet holding the module: the model, SPVCNN's unet, one a wrapper holds)
+    for name, module, part in _ancestors(model, module_name):
+        if isinstance(module, ResidualBlock) and part in ("main", "shortcut"):
+            other = "shortcut" if part == "main" else "main branch"
+            block = f"the ResidualBlock {name!r}" if name else "the ResidualBlock the model is"
+            fix = f"the input of {name!r} itself" if name else "the model's input"
+            return (f"inside the {part} of {block}, whose sum with its {other} needs the sites of the block's "
+                    f"input: prune {fix}")
+        if isinstance(module, MinkUNet):
+            prefix = f"{name}." if name else ""
     if prefix is None:
         return None
-    rel = module_name[len(prefix):]
-    parts = rel.split(".")
+    parts = module_name[len(prefix):].split(".")
     if len(parts) >= 2 and parts[0] == "down" and all(p == "0" for p in parts[2:]):
         return (f"fed the output of the stage before {prefix}down.{parts[1]}, which is also the decoder's skip: the "
                 f"cat would meet the unpruned sites; prune the input of {prefix}down.{parts[1]}.1 (its first "
