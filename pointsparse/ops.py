@@ -498,7 +498,7 @@ def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: 
     store = add is None or add.dtype == feats.dtype  # the kernels' store takes it
     if _bf16_served(feats, weight, bias) and not _engine.bf16_kernels():
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
-        fused_add, fused_relu = (add.float(), relu) if add is not None and store else (None, relu and add is None)
+        fused_add, fused_relu = (None if add is None else add.float(), relu) if store else (None, False)
         out = _engine.conv_forward(feats.float().contiguous(), weight.float().contiguous(),
                                    None if bias is None else bias.float(), plan, relu=fused_relu,
                                    add=fused_add).to(torch.bfloat16)
